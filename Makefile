@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:  `make demo` (main job end to end)  and  `make test` (the suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: setup test demo bench docs lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of torch first: a plain `torch` requirement would pull a CUDA build of several GB
+	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(PY) -m pip install -q -e ".[test,doc,dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --durations=15 tests notebooks --nbmake-timeout=600 -p no:cacheprovider
+
+demo: $(STAMP)
+	$(PY) -m sccoreset.demo --out demo_output
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_io.py
+
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks && $(VENV)/bin/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) docs/_build docs/generated demo_output

@@ -1,0 +1,13 @@
+"""Train neural networks on single-cell streams larger than memory and keep a representative coreset."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import datasets, pl, pp, tl
+from ._errors import InputError
+
+try:
+    __version__ = version("sccoreset")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = ["InputError", "datasets", "pl", "pp", "tl"]

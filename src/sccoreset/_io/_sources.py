@@ -1,0 +1,282 @@
+"""Resolve user inputs (paths, AnnData, MuData) into sources that read row blocks of counts.
+
+A :class:`Source` knows its display name (used in every error message), its gene names,
+its number of cells and how to read one obs column or a contiguous block of rows of ``X``
+as CSR arrays, without ever loading the whole matrix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._errors import InputError
+
+try:  # optional at import time: mudata is a dependency, but keep the reader importable without it
+    from mudata import MuData
+except ImportError:  # pragma: no cover
+    MuData = None  # type: ignore[assignment,misc]
+
+FileLike = "str | os.PathLike | AnnData | MuData"
+
+
+@dataclass
+class CSRBlock:
+    """Rows ``[start, stop)`` of a counts matrix as CSR arrays (``indptr`` starts at 0)."""
+
+    data: np.ndarray
+    indices: np.ndarray
+    indptr: np.ndarray
+
+    @property
+    def n_rows(self) -> int:
+        return self.indptr.size - 1
+
+
+@dataclass
+class Source:
+    """One input of the stream: a file on disk (``path``) or an AnnData in memory (``adata``)."""
+
+    name: str
+    n_obs: int
+    var_names: pd.Index
+    path: Path | None = None
+    mod: str | None = None
+    adata: AnnData | None = None
+    _handle: h5py.File | None = field(default=None, repr=False)
+
+    # -- layout -----------------------------------------------------------------------------
+    @property
+    def prefix(self) -> str:
+        return f"mod/{self.mod}/" if self.mod is not None else ""
+
+    def _file(self) -> h5py.File:
+        if self._handle is None or not self._handle.id.valid:
+            if not self.path.exists():
+                raise InputError(f"{self.name}: file no longer exists (it was there when the stream was scanned).")
+            try:
+                self._handle = h5py.File(self.path, "r")
+            except OSError as e:
+                raise InputError(f"{self.name}: cannot open as HDF5 ({e}).") from e
+        return self._handle
+
+    def close(self) -> None:
+        if self._handle is not None and self._handle.id.valid:
+            self._handle.close()
+        self._handle = None
+
+    # -- obs --------------------------------------------------------------------------------
+    def obs_columns(self) -> list[str]:
+        if self.adata is not None:
+            return list(self.adata.obs.columns)
+        group = self._file()[f"{self.prefix}obs"]
+        return [k for k in group.keys() if k != group.attrs.get("_index", "_index")]
+
+    def read_obs_column(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Values of obs column ``key`` for rows ``[start, stop)`` as an object array of strings."""
+        stop = self.n_obs if stop is None else stop
+        if self.adata is not None:
+            if key not in self.adata.obs.columns:
+                raise self._missing_column(key)
+            return self.adata.obs[key].iloc[start:stop].astype(str).to_numpy(dtype=object)
+        group = self._file()[f"{self.prefix}obs"]
+        if key not in group:
+            raise self._missing_column(key)
+        return _read_string_slice(group[key], start, stop, f"{self.name}: obs column {key!r}")
+
+    def read_obs_names(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        stop = self.n_obs if stop is None else stop
+        if self.adata is not None:
+            return self.adata.obs_names[start:stop].to_numpy(dtype=object)
+        group = self._file()[f"{self.prefix}obs"]
+        return _read_string_slice(group[group.attrs.get("_index", "_index")], start, stop, f"{self.name}: obs index")
+
+    def read_obs(self, rows: np.ndarray) -> pd.DataFrame:
+        """The full obs rows ``rows`` (sorted, unique) of this source."""
+        if self.adata is not None:
+            return self.adata.obs.iloc[rows].copy()
+        import anndata as ad
+
+        obs = ad.io.read_elem(self._file()[f"{self.prefix}obs"])
+        return obs.iloc[rows].copy()
+
+    def _missing_column(self, key: str) -> InputError:
+        cols = self.obs_columns()
+        shown = ", ".join(map(repr, cols[:20])) + (" ..." if len(cols) > 20 else "")
+        return InputError(f"{self.name}: obs has no column {key!r} (columns: {shown or 'none'}).")
+
+    # -- X ----------------------------------------------------------------------------------
+    def read_rows(self, start: int, stop: int) -> CSRBlock:
+        """Rows ``[start, stop)`` of ``X`` as CSR arrays, reading one contiguous slice."""
+        if self.adata is not None:
+            return _block_from_matrix(self.adata.X[start:stop])
+        try:
+            x = self._file()[f"{self.prefix}X"]
+            if isinstance(x, h5py.Dataset):
+                return _block_from_matrix(x[start:stop])
+            ptr = x["indptr"][start : stop + 1]
+            lo, hi = int(ptr[0]), int(ptr[-1])
+            data = x["data"][lo:hi]
+            indices = x["indices"][lo:hi]
+        except InputError:
+            raise
+        except (OSError, KeyError, ValueError) as e:
+            raise InputError(f"{self.name}: cannot read rows {start}-{stop} of X ({e}); is the file truncated?") from e
+        if data.size != hi - lo or indices.size != hi - lo:
+            raise InputError(f"{self.name}: X is truncated (rows {start}-{stop} point past the stored data).")
+        return CSRBlock(data, indices, (ptr - lo).astype(np.int64, copy=False))
+
+    def read_rows_at(self, rows: np.ndarray) -> CSRBlock:
+        """Arbitrary sorted rows of ``X``: one contiguous read per run of neighbouring rows."""
+        import scipy.sparse as sp
+
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return CSRBlock(np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(1, np.int64))
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        parts = []
+        for run in np.split(rows, breaks):
+            b = self.read_rows(int(run[0]), int(run[-1]) + 1)
+            parts.append(sp.csr_matrix((b.data, b.indices, b.indptr), shape=(b.n_rows, len(self.var_names))))
+        m = sp.vstack(parts, format="csr")
+        return CSRBlock(m.data, m.indices, m.indptr.astype(np.int64))
+
+
+def _block_from_matrix(x: Any) -> CSRBlock:
+    import scipy.sparse as sp
+
+    if sp.issparse(x):
+        m = sp.csr_matrix(x)
+    else:
+        m = sp.csr_matrix(np.asarray(x))
+    m.sort_indices()
+    return CSRBlock(m.data, m.indices, m.indptr.astype(np.int64))
+
+
+def _read_string_slice(node: h5py.Group | h5py.Dataset, start: int, stop: int, what: str) -> np.ndarray:
+    """Read rows of an anndata-encoded obs column (categorical, string, numeric, nullable)."""
+    if isinstance(node, h5py.Group):
+        enc = node.attrs.get("encoding-type", "")
+        if enc == "categorical":
+            codes = node["codes"][start:stop]
+            cats = _read_string_slice(node["categories"], 0, node["categories"].shape[0], what)
+            out = np.empty(codes.size, dtype=object)
+            valid = codes >= 0
+            out[valid] = cats[codes[valid]]
+            out[~valid] = "nan"
+            return out
+        if enc.startswith("nullable"):
+            values = node["values"][start:stop].astype(str).astype(object)
+            values[node["mask"][start:stop]] = "nan"
+            return values
+        raise InputError(f"{what}: unsupported encoding {enc!r}.")
+    if node.dtype.kind in ("S", "O", "U"):
+        return np.asarray(node.asstr()[start:stop], dtype=object)
+    return node[start:stop].astype(str).astype(object)
+
+
+def _h5_var_names(f: h5py.File, prefix: str, name: str) -> pd.Index:
+    try:
+        var = f[f"{prefix}var"]
+        key = var.attrs.get("_index", "_index")
+        return pd.Index(_read_string_slice(var[key], 0, var[key].shape[0], f"{name}: var index"))
+    except KeyError as e:
+        raise InputError(f"{name}: no {prefix}var index found; is this an AnnData file?") from e
+
+
+def _source_from_path(path: Path, mod: str | None) -> Source:
+    name = str(path)
+    if not path.exists():
+        raise InputError(f"{name}: file not found.")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise InputError(f"{name}: cannot open as HDF5; is the file truncated or corrupt? ({e})") from e
+    with f:
+        is_mudata = "mod" in f and "X" not in f
+        if path.suffix == ".h5mu" or is_mudata:
+            mods = sorted(f["mod"].keys()) if "mod" in f else []
+            if mod is None:
+                raise InputError(f"{name}: is a MuData file; choose a modality with mod= (one of {mods}).")
+            if mod not in mods:
+                raise InputError(f"{name}: has no modality {mod!r} (modalities: {mods}).")
+            prefix = f"mod/{mod}/"
+        else:
+            mod = None
+            prefix = ""
+        if f"{prefix}X" not in f:
+            raise InputError(f"{name}: has no {prefix}X matrix.")
+        x = f[f"{prefix}X"]
+        if isinstance(x, h5py.Group):
+            enc = x.attrs.get("encoding-type", "")
+            if enc == "csc_matrix":
+                raise InputError(
+                    f"{name}: X is stored as CSC; row blocks cannot be read without loading the whole matrix. "
+                    "Rewrite it as CSR (adata.X = adata.X.tocsr(); adata.write_h5ad(...))."
+                )
+            if enc != "csr_matrix" or not {"data", "indices", "indptr"} <= set(x.keys()):
+                raise InputError(f"{name}: X has unsupported encoding {enc!r} (expected csr_matrix or dense).")
+            shape = tuple(x.attrs["shape"])
+            if x["indptr"].shape[0] != shape[0] + 1:
+                raise InputError(f"{name}: X/indptr has the wrong length; is the file truncated?")
+        else:
+            shape = x.shape
+        var_names = _h5_var_names(f, prefix, name)
+    if len(var_names) != shape[1]:
+        raise InputError(f"{name}: X has {shape[1]} columns but var has {len(var_names)} names.")
+    return Source(name=name, n_obs=int(shape[0]), var_names=var_names, path=path, mod=mod)
+
+
+def as_sources(files: Sequence[Any] | Any, *, mod: str | None = None) -> list[Source]:
+    """Turn one input or a list of inputs into sources, validating what can be checked from metadata.
+
+    Errors raised here name the input (its path, or ``AnnData #i`` for objects in memory).
+    """
+    if isinstance(files, str | os.PathLike | AnnData) or (MuData is not None and isinstance(files, MuData)):
+        files = [files]
+    files = list(files) if isinstance(files, Iterable) else [files]
+    if not files:
+        raise InputError("files: the list of inputs is empty.")
+    sources = []
+    for i, item in enumerate(files):
+        if isinstance(item, str | os.PathLike):
+            src = _source_from_path(Path(item), mod)
+        elif MuData is not None and isinstance(item, MuData):
+            if mod is None:
+                raise InputError(f"MuData #{i}: choose a modality with mod= (one of {sorted(item.mod)}).")
+            if mod not in item.mod:
+                raise InputError(f"MuData #{i}: has no modality {mod!r} (modalities: {sorted(item.mod)}).")
+            sub = item.mod[mod]
+            if item.isbacked:
+                src = _source_from_path(Path(item.filename), mod)
+            else:
+                src = Source(name=f"MuData #{i} [{mod}]", n_obs=sub.n_obs, var_names=sub.var_names.copy(), adata=sub)
+        elif isinstance(item, AnnData):
+            if item.isbacked:
+                src = _source_from_path(Path(item.filename), None)
+            else:
+                src = Source(name=f"AnnData #{i}", n_obs=item.n_obs, var_names=item.var_names.copy(), adata=item)
+        else:
+            raise InputError(
+                f"files[{i}]: expected a path to .h5ad/.h5mu, an AnnData or a MuData, got {type(item).__name__}."
+            )
+        if src.n_obs == 0:
+            raise InputError(f"{src.name}: contains no cells.")
+        if src.var_names.has_duplicates:
+            dups = src.var_names[src.var_names.duplicated()].unique()[:5].tolist()
+            raise InputError(f"{src.name}: duplicate gene names in var_names, e.g. {dups}. Make them unique first.")
+        sources.append(src)
+    return sources
+
+
+def close_all(sources: Iterable[Source]) -> None:
+    for s in sources:
+        s.close()

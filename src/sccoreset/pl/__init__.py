@@ -1,0 +1,1 @@
+"""Plotting (coming with the trainer history)."""

@@ -1,0 +1,164 @@
+"""One streaming pass over all files: per-gene statistics, highly variable genes, the fitted GeneSpace."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .._errors import InputError
+from .._io._kernels import csr_accumulate
+from .._io._prefetch import prefetch
+from .._io._sources import CSRBlock, Source, as_sources, close_all
+from .._utils import RandomState, as_rng, check_positive, logger
+from ._chunk_plan import plan_chunks
+from ._gene_space import GeneSpace
+from ._hvg import seurat_dispersions, top_genes
+from ._scan import gene_union
+
+_READ_ROWS = 8192
+
+
+def _sampled_plan(sources: Sequence[Source], max_cells: int | None, rng: np.random.Generator) -> list:
+    n_obs = [s.n_obs for s in sources]
+    if max_cells is None or max_cells >= sum(n_obs):
+        return plan_chunks(n_obs, _READ_ROWS)
+    plan = plan_chunks(n_obs, _READ_ROWS, order="block_shuffle", block_size=1024, rng=rng)
+    taken, total = [], 0
+    for chunk in plan:
+        if total >= max_cells:
+            break
+        taken.append(chunk)
+        total += sum(stop - start for _, start, stop in chunk)
+    return taken
+
+
+def accumulate_statistics(
+    sources: Sequence[Source],
+    genes: pd.Index,
+    *,
+    target_sum: float,
+    max_cells: int | None = None,
+    random_state: RandomState = 0,
+    progress: bool = False,
+) -> tuple[np.ndarray, int]:
+    """Sums over cells of x, x², log1p(x), log1p(x)² of normalized counts for every gene in ``genes``.
+
+    Returns the (4, n_genes) float64 sums and the number of cells read.
+    """
+    col_maps = [genes.get_indexer(s.var_names).astype(np.int32) for s in sources]
+    plan = _sampled_plan(sources, max_cells, as_rng(random_state))
+    sums = np.zeros((4, len(genes)), dtype=np.float64)
+
+    def blocks() -> Iterator[tuple[int, int, CSRBlock]]:
+        for chunk in plan:
+            for f, start, stop in chunk:
+                yield f, start, sources[f].read_rows(start, stop)
+
+    n_cells = 0
+    total = sum(stop - start for chunk in plan for _, start, stop in chunk)
+    with tqdm(total=total, desc="gene statistics", unit="cells", disable=not progress) as bar:
+        for f, start, block in prefetch(blocks, depth=2):
+            bad = np.zeros(block.n_rows, dtype=np.uint8)
+            n_bad = csr_accumulate(
+                block.data, block.indices, block.indptr, col_maps[f], target_sum, sums, bad
+            )
+            if n_bad:
+                row = start + int(np.flatnonzero(bad)[0])
+                raise InputError(
+                    f"{sources[f].name}: X holds negative or non-finite (NaN/inf) values, first in row {row}; "
+                    "raw counts are expected."
+                )
+            n_cells += block.n_rows
+            bar.update(block.n_rows)
+    return sums, n_cells
+
+
+def fit_gene_space(
+    files: Sequence[Any] | Any,
+    *,
+    n_top_genes: int = 2000,
+    gene_list: Sequence[str] | None = None,
+    target_sum: float = 1e4,
+    max_value: float = 10.0,
+    max_cells: int | None = None,
+    random_state: RandomState = 0,
+    mod: str | None = None,
+    progress: bool = False,
+) -> GeneSpace:
+    """Fit the global gene list and scaling statistics in one streaming pass over the files.
+
+    Per-gene sums and sums of squares of normalized counts and of their log1p are accumulated
+    chunk by chunk, in memory that does not grow with the number of cells. Highly variable genes
+    are ranked as ``scanpy.pp.highly_variable_genes(flavor="seurat", n_top_genes=...)`` ranks them on
+    the log1p-normalized concatenation of all files (missing genes counted as zeros): same means,
+    dispersions, 20 mean bins and normalized dispersions.
+
+    Parameters
+    ----------
+    files
+        Paths to ``.h5ad`` / ``.h5mu`` files, or AnnData / MuData objects.
+    n_top_genes
+        Number of highly variable genes to keep (ignored when ``gene_list`` is given).
+    gene_list
+        Use these genes, in this order, instead of selecting highly variable genes.
+    target_sum
+        Counts per cell after normalization.
+    max_value
+        Clip scaled values to ``[-max_value, max_value]``.
+    max_cells
+        Compute the statistics on a seeded random subsample of about this many cells
+        (blocks of 1,024 rows), instead of all cells.
+    random_state
+        Seed of the subsample.
+    mod
+        Modality to read from MuData inputs.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    The fitted :class:`~sccoreset.pp.GeneSpace`.
+    """
+    check_positive(n_top_genes=n_top_genes, target_sum=target_sum, max_value=max_value, max_cells=max_cells)
+    sources = as_sources(files, mod=mod)
+    try:
+        union = gene_union(sources)
+        if gene_list is not None:
+            wanted = pd.Index([str(g) for g in gene_list])
+            if wanted.has_duplicates:
+                raise InputError(f"gene_list: duplicate genes, e.g. {wanted[wanted.duplicated()][:5].tolist()}.")
+            missing = wanted.difference(union)
+            if len(missing) == len(wanted):
+                raise InputError("gene_list: none of its genes is in any of the files.")
+            if len(missing):
+                logger.warning(f"gene_list: {len(missing)} genes are in no file and will be constant zeros.")
+            genes = wanted
+        else:
+            genes = union
+        sums, n_cells = accumulate_statistics(
+            sources, genes, target_sum=target_sum, max_cells=max_cells, random_state=random_state, progress=progress
+        )
+    finally:
+        close_all(sources)
+    if gene_list is None:
+        disp = seurat_dispersions(sums[0], sums[1], n_cells)["dispersions_norm"].to_numpy()
+        keep = top_genes(disp, n_top_genes)
+        genes, sums, disp = genes[keep], sums[:, keep], disp[keep]
+    else:
+        disp = None
+    n = float(n_cells)
+    mean = sums[2] / n
+    var = np.maximum(sums[3] / n - mean**2, 0.0) * (n / (n - 1) if n > 1 else 1.0)
+    return GeneSpace(
+        genes=np.asarray(genes, dtype=object),
+        mean=mean,
+        std=np.sqrt(var),
+        target_sum=target_sum,
+        max_value=max_value,
+        n_cells=n_cells,
+        dispersions_norm=disp,
+    )

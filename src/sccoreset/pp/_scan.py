@@ -1,0 +1,119 @@
+"""Metadata pass over the stream: cells, genes and labels of every file, never reading X."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .._errors import InputError
+from .._io._sources import Source, as_sources, close_all
+
+
+@dataclass
+class StreamInfo:
+    """What :func:`scan` found.
+
+    Attributes
+    ----------
+    files
+        Display name of each input (its path, or ``AnnData #i``).
+    n_obs
+        Cells per file.
+    genes
+        Union of gene names, in order of first appearance.
+    genes_per_file
+        Number of genes of each file.
+    label_counts
+        Files × labels table of cell counts (empty when no ``label_key`` was given).
+    """
+
+    files: list[str]
+    n_obs: np.ndarray
+    genes: pd.Index
+    genes_per_file: np.ndarray
+    label_counts: pd.DataFrame
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.n_obs.sum())
+
+    @property
+    def labels(self) -> list[str]:
+        """All labels seen, sorted."""
+        return list(self.label_counts.columns)
+
+    def summary(self) -> pd.DataFrame:
+        """One row per file: cells, genes and (if labels were scanned) the number of distinct labels."""
+        df = pd.DataFrame({"n_obs": self.n_obs, "n_genes": self.genes_per_file}, index=self.files)
+        if not self.label_counts.empty:
+            df["n_labels"] = (self.label_counts.to_numpy() > 0).sum(1)
+        return df
+
+
+def gene_union(sources: Sequence[Source]) -> pd.Index:
+    """Union of the gene names of all sources, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for s in sources:
+        seen.update(dict.fromkeys(s.var_names))
+    return pd.Index(list(seen), dtype=object)
+
+
+def scan_sources(sources: Sequence[Source], label_key: str | None, classes: Sequence[str] | None = None) -> StreamInfo:
+    counts = []
+    for s in sources:
+        if label_key is None:
+            continue
+        values = s.read_obs_column(label_key)
+        vc = pd.Series(values).value_counts()
+        if classes is not None:
+            unknown = sorted(set(vc.index) - set(map(str, classes)))
+            if unknown:
+                raise InputError(
+                    f"{s.name}: obs[{label_key!r}] holds labels not in the given label set: {unknown[:10]}."
+                )
+        counts.append(vc.rename(s.name))
+    if counts:
+        table = pd.concat(counts, axis=1).T.fillna(0).astype(np.int64)
+        table = table.reindex(columns=sorted(table.columns))
+    else:
+        table = pd.DataFrame(index=[s.name for s in sources])
+    table.index = [s.name for s in sources]
+    return StreamInfo(
+        files=[s.name for s in sources],
+        n_obs=np.array([s.n_obs for s in sources], dtype=np.int64),
+        genes=gene_union(sources),
+        genes_per_file=np.array([len(s.var_names) for s in sources], dtype=np.int64),
+        label_counts=table,
+    )
+
+
+def scan(files: Sequence[Any] | Any, label_key: str | None = None, *, mod: str | None = None) -> StreamInfo:
+    """Read the metadata of every input (obs label column, var names), never X.
+
+    Parameters
+    ----------
+    files
+        Paths to ``.h5ad`` / ``.h5mu`` files, or AnnData / MuData objects (in memory or backed).
+    label_key
+        obs column holding the labels to count per file.
+    mod
+        Modality to read from MuData inputs (e.g. ``"rna"``).
+
+    Returns
+    -------
+    A :class:`StreamInfo` with cells per file, the gene union and label counts per file.
+
+    Examples
+    --------
+    >>> info = sccoreset.pp.scan(["plate1.h5ad", "plate2.h5ad"], "cell_type")  # doctest: +SKIP
+    >>> info.label_counts  # doctest: +SKIP
+    """
+    sources = as_sources(files, mod=mod)
+    try:
+        return scan_sources(sources, label_key)
+    finally:
+        close_all(sources)

@@ -1,0 +1,1 @@
+"""Tools: streaming training and prediction."""
