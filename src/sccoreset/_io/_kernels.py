@@ -1,12 +1,11 @@
 """Numba kernels on CSR row blocks: the hot path of reading a stream.
 
-They release the GIL, so a background thread can transform the next chunk while
-the main thread trains.
+They release the GIL, so a background thread can transform the next chunk while the main thread
+trains. Per-element arithmetic is float32 (as scanpy's on float32 counts): it is 3-4x faster than
+float64 here, and the statistics are still accumulated in float64.
 """
 
 from __future__ import annotations
-
-import math
 
 import numba
 import numpy as np
@@ -16,15 +15,14 @@ import numpy as np
 def csr_transform(data, indices, indptr, col_map, mean, inv_std, fill, target_sum, max_value, out, bad):
     """normalize_total -> log1p -> map columns -> (x - mean) * inv_std -> clip, into dense ``out``.
 
-    ``fill[c]`` is the (clipped) value of a zero in target column ``c``. ``bad[i]`` is set to 1 for a
-    row holding a negative or non-finite value.
+    ``mean``, ``inv_std`` and ``fill`` are float32; ``fill[c]`` is the (clipped) value of a zero in
+    target column ``c``. ``bad[i]`` is set to 1 for a row holding a negative or non-finite value.
     """
     n = indptr.size - 1
-    g = out.shape[1]
     for i in numba.prange(n):
         lo = indptr[i]
         hi = indptr[i + 1]
-        s = 0.0
+        s = np.float32(0.0)
         flag = 0
         for j in range(lo, hi):
             v = data[j]
@@ -32,52 +30,56 @@ def csr_transform(data, indices, indptr, col_map, mean, inv_std, fill, target_su
                 flag = 1
             s += v
         bad[i] = flag
-        scale = target_sum / s if s > 0 else 0.0
-        for c in range(g):
-            out[i, c] = fill[c]
+        scale = np.float32(target_sum / s) if s > 0 else np.float32(0.0)
+        out[i, :] = fill
         for j in range(lo, hi):
             c = col_map[indices[j]]
             if c >= 0:
-                v = (math.log1p(data[j] * scale) - mean[c]) * inv_std[c]
-                if v > max_value:
-                    v = max_value
-                elif v < -max_value:
-                    v = -max_value
-                out[i, c] = v
+                v = (np.log1p(np.float32(data[j]) * scale) - mean[c]) * inv_std[c]
+                out[i, c] = min(max(v, -max_value), max_value)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def csr_accumulate(data, indices, indptr, col_map, target_sum, sums, bad):
     """Add per-column sums of x, x**2, log1p(x), log1p(x)**2 of normalized rows into ``sums`` (4, n_genes).
 
-    ``col_map`` maps the block's columns onto the target genes (-1: not a target). Returns the number of rows
-    holding a negative or non-finite value (they are flagged in ``bad``).
+    ``col_map`` maps the block's columns onto the target genes (-1: not a target). Returns the
+    number of rows holding a negative or non-finite value (they are flagged in ``bad``).
     """
     n = indptr.size - 1
+    n_parts = 2 if n > 64 else 1
+    part_sums = np.zeros((n_parts, sums.shape[0], sums.shape[1]), dtype=np.float64)
+    step = (n + n_parts - 1) // n_parts
+    for p in numba.prange(n_parts):
+        acc = part_sums[p]
+        for i in range(p * step, min(n, (p + 1) * step)):
+            lo = indptr[i]
+            hi = indptr[i + 1]
+            s = np.float32(0.0)
+            flag = 0
+            for j in range(lo, hi):
+                v = data[j]
+                if not (v >= 0.0) or v == np.inf:
+                    flag = 1
+                s += v
+            bad[i] = flag
+            if flag or s <= 0:
+                continue
+            scale = np.float32(target_sum / s)
+            for j in range(lo, hi):
+                c = col_map[indices[j]]
+                if c < 0:
+                    continue
+                x = np.float32(data[j]) * scale
+                lx = np.float64(np.log1p(x))
+                xd = np.float64(x)
+                acc[0, c] += xd
+                acc[1, c] += xd * xd
+                acc[2, c] += lx
+                acc[3, c] += lx * lx
+    for p in range(n_parts):
+        sums += part_sums[p]
     n_bad = 0
     for i in range(n):
-        lo = indptr[i]
-        hi = indptr[i + 1]
-        s = 0.0
-        flag = 0
-        for j in range(lo, hi):
-            v = data[j]
-            if not (v >= 0.0) or v == np.inf:
-                flag = 1
-            s += v
-        bad[i] = flag
-        n_bad += flag
-        if flag or s <= 0:
-            continue
-        scale = target_sum / s
-        for j in range(lo, hi):
-            c = col_map[indices[j]]
-            if c < 0:
-                continue
-            x = data[j] * scale
-            lx = math.log1p(x)
-            sums[0, c] += x
-            sums[1, c] += x * x
-            sums[2, c] += lx
-            sums[3, c] += lx * lx
+        n_bad += bad[i]
     return n_bad

@@ -40,13 +40,16 @@ def prefetch(make: Callable[[], Iterator[T]], depth: int = 1) -> Iterator[T]:
         return False
 
     def work() -> None:
+        gen = make()
         try:
-            for item in make():
+            for item in gen:
                 if not put(item):
                     return
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             put(_Failure(e))
             return
+        finally:
+            gen.close()  # runs the producer's own clean-up (nested prefetches) in this thread
         put(_DONE)
 
     thread = threading.Thread(target=work, name="sccoreset-prefetch", daemon=True)

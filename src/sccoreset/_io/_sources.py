@@ -41,6 +41,32 @@ class CSRBlock:
         return self.indptr.size - 1
 
 
+class ReadBuffers:
+    """Growing data/indices arrays that consecutive reads fill one after another, then reuse."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+        self._offsets: dict[str, int] = {}
+        self._used = 0
+
+    def reset(self) -> None:
+        self._used = 0
+        self._offsets = dict.fromkeys(self._offsets, 0)
+
+    def take(self, n: int, data_dtype: np.dtype, index_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """Views of the next ``n`` free elements; a grown array leaves earlier views on the old one intact."""
+        out = []
+        for key, dtype in (("data", data_dtype), ("indices", index_dtype)):
+            arr = self._arrays.get(key)
+            start = self._used - self._offsets.get(key, 0)
+            if arr is None or arr.dtype != dtype or arr.size < start + n:
+                self._arrays[key] = arr = np.empty(int((self._used + n) * 1.25) + 1024, dtype=dtype)
+                self._offsets[key], start = self._used, 0
+            out.append(arr[start : start + n])
+        self._used += n
+        return out[0], out[1]
+
+
 @dataclass
 class Source:
     """One input of the stream: a file on disk (``path``) or an AnnData in memory (``adata``)."""
@@ -114,8 +140,12 @@ class Source:
         return InputError(f"{self.name}: obs has no column {key!r} (columns: {shown or 'none'}).")
 
     # -- X ----------------------------------------------------------------------------------
-    def read_rows(self, start: int, stop: int) -> CSRBlock:
-        """Rows ``[start, stop)`` of ``X`` as CSR arrays, reading one contiguous slice."""
+    def read_rows(self, start: int, stop: int, buffers: ReadBuffers | None = None) -> CSRBlock:
+        """Rows ``[start, stop)`` of ``X`` as CSR arrays, reading one contiguous slice.
+
+        With ``buffers``, data and indices are read straight into (views of) those reused arrays,
+        which avoids allocating and faulting in fresh memory for every block.
+        """
         if self.adata is not None:
             return _block_from_matrix(self.adata.X[start:stop])
         try:
@@ -124,14 +154,20 @@ class Source:
                 return _block_from_matrix(x[start:stop])
             ptr = x["indptr"][start : stop + 1]
             lo, hi = int(ptr[0]), int(ptr[-1])
-            data = x["data"][lo:hi]
-            indices = x["indices"][lo:hi]
+            if hi > x["data"].shape[0] or hi > x["indices"].shape[0] or lo > hi:
+                raise InputError(f"{self.name}: X is truncated (rows {start}-{stop} point past the stored data).")
+            if buffers is None:
+                data = x["data"][lo:hi]
+                indices = x["indices"][lo:hi]
+            else:
+                data, indices = buffers.take(hi - lo, x["data"].dtype, x["indices"].dtype)
+                if hi > lo:
+                    x["data"].read_direct(data, np.s_[lo:hi])
+                    x["indices"].read_direct(indices, np.s_[lo:hi])
         except InputError:
             raise
-        except (OSError, KeyError, ValueError) as e:
+        except (OSError, KeyError, ValueError, TypeError) as e:
             raise InputError(f"{self.name}: cannot read rows {start}-{stop} of X ({e}); is the file truncated?") from e
-        if data.size != hi - lo or indices.size != hi - lo:
-            raise InputError(f"{self.name}: X is truncated (rows {start}-{stop} point past the stored data).")
         return CSRBlock(data, indices, (ptr - lo).astype(np.int64, copy=False))
 
     def read_rows_at(self, rows: np.ndarray) -> CSRBlock:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numba
 import numpy as np
 
 from .._io._prefetch import prefetch as run_ahead
-from .._io._sources import Source, as_sources, close_all
+from .._io._recycle import ArrayRecycler
+from .._io._sources import ReadBuffers, Source, as_sources, close_all
 from .._utils import RandomState, as_rng, check_positive
 from ._chunk_plan import Order, Segment, plan_chunks
 from ._gene_space import GeneSpace
@@ -54,14 +58,35 @@ class Chunk:
         return self.X.shape[0]
 
 
+@dataclass
+class _RawChunk:
+    """A chunk as read from disk: CSR blocks per segment (views of pooled buffers) and provenance."""
+
+    index: int
+    segments: Sequence[Segment]
+    blocks: list
+    buffers: ReadBuffers
+    labels: np.ndarray | None
+    file_index: np.ndarray
+    row: np.ndarray
+    obs_names: np.ndarray
+    read_seconds: float
+
+
 class ChunkReader:
-    """Reads planned chunks from a list of sources; keeps one column map per source."""
+    """Reads planned chunks from a list of sources; keeps one column map per source.
+
+    Reading and transforming are two pipeline stages, each in its own background thread: the
+    reader fills pooled buffers (reused, so no fresh memory is faulted in per chunk) while the
+    transform kernel (GIL released) works on the previous chunk.
+    """
 
     def __init__(self, sources: Sequence[Source], gene_space: GeneSpace, label_key: str | None = None) -> None:
         self.sources = list(sources)
         self.gene_space = gene_space
         self.label_key = label_key
         self._col_maps: dict[int, np.ndarray] = {}
+        self._outputs = ArrayRecycler()
 
     def col_map(self, f: int) -> np.ndarray:
         if f not in self._col_maps:
@@ -69,47 +94,101 @@ class ChunkReader:
             self._col_maps[f] = self.gene_space.column_map(src.var_names, source=src.name)
         return self._col_maps[f]
 
-    def read(self, index: int, segments: Sequence[Segment]) -> Chunk:
+    def read_raw(self, index: int, segments: Sequence[Segment], buffers: ReadBuffers) -> _RawChunk:
+        t0 = time.perf_counter()
         n = sum(stop - start for _, start, stop in segments)
-        X = np.empty((n, self.gene_space.n_genes), dtype=np.float32)
         file_index = np.empty(n, dtype=np.int32)
         rows = np.empty(n, dtype=np.int64)
         names = np.empty(n, dtype=object)
         labels = np.empty(n, dtype=object) if self.label_key is not None else None
-        t_read = t_transform = 0.0
+        buffers.reset()
+        blocks = []
         pos = 0
         for f, start, stop in segments:
             src = self.sources[f]
-            t0 = time.perf_counter()
-            block = src.read_rows(start, stop)
+            blocks.append(src.read_rows(start, stop, buffers))
             sl = slice(pos, pos + stop - start)
             names[sl] = src.read_obs_names(start, stop)
             if labels is not None:
                 labels[sl] = src.read_obs_column(self.label_key, start, stop)
-            t1 = time.perf_counter()
-            self.gene_space.transform_csr(
-                block.data, block.indices, block.indptr, self.col_map(f), source=src.name, row_offset=start, out=X[sl]
-            )
-            t_transform += time.perf_counter() - t1
-            t_read += t1 - t0
             file_index[sl] = f
             rows[sl] = np.arange(start, stop)
             pos += stop - start
-        return Chunk(index, X, labels, file_index, rows, names, [s.name for s in self.sources], t_read, t_transform)
+        return _RawChunk(index, segments, blocks, buffers, labels, file_index, rows, names, time.perf_counter() - t0)
+
+    def transform(self, raw: _RawChunk) -> Chunk:
+        t0 = time.perf_counter()
+        X = self._outputs.empty((raw.file_index.size, self.gene_space.n_genes))
+        pos = 0
+        for (f, start, stop), block in zip(raw.segments, raw.blocks, strict=True):
+            self.gene_space.transform_csr(
+                block.data,
+                block.indices,
+                block.indptr,
+                self.col_map(f),
+                source=self.sources[f].name,
+                row_offset=start,
+                out=X[pos : pos + stop - start],
+            )
+            pos += stop - start
+        files = [s.name for s in self.sources]
+        return Chunk(
+            raw.index, X, raw.labels, raw.file_index, raw.row, raw.obs_names, files, raw.read_seconds,
+            time.perf_counter() - t0,
+        )  # fmt: skip
+
+    def read(self, index: int, segments: Sequence[Segment]) -> Chunk:
+        """Read and transform one chunk in the calling thread."""
+        return self.transform(self.read_raw(index, segments, ReadBuffers()))
 
     def iterate(self, plan: Sequence[Sequence[Segment]], *, start: int = 0, prefetch: int = 1) -> Iterator[Chunk]:
-        """Chunks ``start, start + 1, ...`` of ``plan``, read ``prefetch`` chunks ahead in a background thread."""
+        """Chunks ``start, start + 1, ...`` of ``plan``, read ``prefetch`` chunks ahead in background threads."""
         last_use = {f: i for i, chunk in enumerate(plan) for f, _, _ in chunk}
-
-        def produce() -> Iterator[Chunk]:
+        if prefetch <= 0:
+            buffers = ReadBuffers()
             for i in range(start, len(plan)):
-                chunk = self.read(i, plan[i])
+                yield self.transform(self.read_raw(i, plan[i], buffers))
+            return
+        # two read buffers: one being filled while the other is transformed
+        pool: queue.Queue[ReadBuffers] = queue.Queue()
+        for _ in range(2):
+            pool.put(ReadBuffers())
+        stopped = threading.Event()
+
+        def free_buffers() -> ReadBuffers:
+            while not stopped.is_set():
+                try:
+                    return pool.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+            raise GeneratorExit
+
+        def read_all() -> Iterator[_RawChunk]:
+            for i in range(start, len(plan)):
+                raw = self.read_raw(i, plan[i], free_buffers())
                 for f in {f for f, _, _ in plan[i]}:
                     if last_use[f] == i:  # keep few files open on long streams
                         self.sources[f].close()
-                yield chunk
+                yield raw
 
-        yield from run_ahead(produce, depth=prefetch)
+        def transform_all() -> Iterator[Chunk]:
+            # one transform thread next to the reading thread: two busy threads on two cores
+            numba.set_num_threads(1)
+            try:
+                for raw in run_ahead(read_all, depth=1):
+                    try:
+                        chunk = self.transform(raw)
+                    finally:
+                        pool.put(raw.buffers)
+                    del raw
+                    yield chunk
+            finally:
+                stopped.set()  # a reader waiting for buffers gives up
+
+        try:
+            yield from run_ahead(transform_all, depth=prefetch)
+        finally:
+            stopped.set()
 
 
 def iter_chunks(

@@ -26,7 +26,8 @@ def _sampled_plan(sources: Sequence[Source], max_cells: int | None, rng: np.rand
     n_obs = [s.n_obs for s in sources]
     if max_cells is None or max_cells >= sum(n_obs):
         return plan_chunks(n_obs, _READ_ROWS)
-    plan = plan_chunks(n_obs, _READ_ROWS, order="block_shuffle", block_size=1024, rng=rng)
+    block = int(min(1024, max(32, max_cells // 16)))
+    plan = plan_chunks(n_obs, block, order="block_shuffle", block_size=block, rng=rng)
     taken, total = [], 0
     for chunk in plan:
         if total >= max_cells:
@@ -111,7 +112,7 @@ def fit_gene_space(
         Clip scaled values to ``[-max_value, max_value]``.
     max_cells
         Compute the statistics on a seeded random subsample of about this many cells
-        (blocks of 1,024 rows), instead of all cells.
+        (random blocks of up to 1,024 rows), instead of all cells.
     random_state
         Seed of the subsample.
     mod

@@ -59,8 +59,10 @@ class GeneSpace:
         if self._index.has_duplicates:
             raise InputError("GeneSpace: duplicate genes in the gene list.")
         safe = np.where(self.std > 0, self.std, 1.0)
-        self._inv_std = (1.0 / safe).astype(np.float64)
-        self._fill = np.clip(-self.mean * self._inv_std, -self.max_value, self.max_value)
+        # float32 copies for the kernel, which computes in float32 like scanpy on float32 counts
+        self._mean32 = self.mean.astype(np.float32)
+        self._inv_std32 = (1.0 / safe).astype(np.float32)
+        self._fill32 = np.clip(-self._mean32 * self._inv_std32, -self.max_value, self.max_value).astype(np.float32)
 
     @property
     def n_genes(self) -> int:
@@ -109,11 +111,11 @@ class GeneSpace:
             indices,
             indptr,
             col_map,
-            self.mean,
-            self._inv_std,
-            self._fill,
-            float(self.target_sum),
-            float(self.max_value),
+            self._mean32,
+            self._inv_std32,
+            self._fill32,
+            np.float32(self.target_sum),
+            np.float32(self.max_value),
             out,
             bad,
         )
