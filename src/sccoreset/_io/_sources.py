@@ -7,6 +7,7 @@ as CSR arrays, without ever loading the whole matrix.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ class ReadBuffers:
             arr = self._arrays.get(key)
             start = self._used - self._offsets.get(key, 0)
             if arr is None or arr.dtype != dtype or arr.size < start + n:
-                self._arrays[key] = arr = np.empty(int((self._used + n) * 1.25) + 1024, dtype=dtype)
+                self._arrays[key] = arr = np.empty(int((self._used + n) * 1.5) + 1024, dtype=dtype)
                 self._offsets[key], start = self._used, 0
             out.append(arr[start : start + n])
         self._used += n
@@ -219,16 +220,29 @@ def _read_string_slice(node: h5py.Group | h5py.Dataset, start: int, stop: int, w
     return node[start:stop].astype(str).astype(object)
 
 
-def _h5_var_names(f: h5py.File, prefix: str, name: str) -> pd.Index:
+class _SharedIndexes:
+    """One pd.Index object per distinct gene list: files with the same genes share it (and its column map)."""
+
+    def __init__(self) -> None:
+        self._by_digest: dict[bytes, pd.Index] = {}
+
+    def get(self, names: np.ndarray) -> pd.Index:
+        digest = hashlib.sha1("\0".join(names).encode()).digest()
+        if digest not in self._by_digest:
+            self._by_digest[digest] = pd.Index(names, dtype=object)
+        return self._by_digest[digest]
+
+
+def _h5_var_names(f: h5py.File, prefix: str, name: str) -> np.ndarray:
     try:
         var = f[f"{prefix}var"]
         key = var.attrs.get("_index", "_index")
-        return pd.Index(_read_string_slice(var[key], 0, var[key].shape[0], f"{name}: var index"))
+        return _read_string_slice(var[key], 0, var[key].shape[0], f"{name}: var index")
     except KeyError as e:
         raise InputError(f"{name}: no {prefix}var index found; is this an AnnData file?") from e
 
 
-def _source_from_path(path: Path, mod: str | None) -> Source:
+def _source_from_path(path: Path, mod: str | None, indexes: _SharedIndexes) -> Source:
     name = str(path)
     if not path.exists():
         raise InputError(f"{name}: file not found.")
@@ -268,7 +282,7 @@ def _source_from_path(path: Path, mod: str | None) -> Source:
         var_names = _h5_var_names(f, prefix, name)
     if len(var_names) != shape[1]:
         raise InputError(f"{name}: X has {shape[1]} columns but var has {len(var_names)} names.")
-    return Source(name=name, n_obs=int(shape[0]), var_names=var_names, path=path, mod=mod)
+    return Source(name=name, n_obs=int(shape[0]), var_names=indexes.get(var_names), path=path, mod=mod)
 
 
 def as_sources(files: Sequence[Any] | Any, *, mod: str | None = None) -> list[Source]:
@@ -282,9 +296,10 @@ def as_sources(files: Sequence[Any] | Any, *, mod: str | None = None) -> list[So
     if not files:
         raise InputError("files: the list of inputs is empty.")
     sources = []
+    indexes = _SharedIndexes()
     for i, item in enumerate(files):
         if isinstance(item, str | os.PathLike):
-            src = _source_from_path(Path(item), mod)
+            src = _source_from_path(Path(item), mod, indexes)
         elif MuData is not None and isinstance(item, MuData):
             if mod is None:
                 raise InputError(f"MuData #{i}: choose a modality with mod= (one of {sorted(item.mod)}).")
@@ -292,12 +307,12 @@ def as_sources(files: Sequence[Any] | Any, *, mod: str | None = None) -> list[So
                 raise InputError(f"MuData #{i}: has no modality {mod!r} (modalities: {sorted(item.mod)}).")
             sub = item.mod[mod]
             if item.isbacked:
-                src = _source_from_path(Path(item.filename), mod)
+                src = _source_from_path(Path(item.filename), mod, indexes)
             else:
                 src = Source(name=f"MuData #{i} [{mod}]", n_obs=sub.n_obs, var_names=sub.var_names.copy(), adata=sub)
         elif isinstance(item, AnnData):
             if item.isbacked:
-                src = _source_from_path(Path(item.filename), None)
+                src = _source_from_path(Path(item.filename), None, indexes)
             else:
                 src = Source(name=f"AnnData #{i}", n_obs=item.n_obs, var_names=item.var_names.copy(), adata=item)
         else:

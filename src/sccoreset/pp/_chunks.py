@@ -86,13 +86,14 @@ class ChunkReader:
         self.gene_space = gene_space
         self.label_key = label_key
         self._col_maps: dict[int, np.ndarray] = {}
-        self._outputs = ArrayRecycler()
+        self._outputs = ArrayRecycler(max_tracked=3)
 
     def col_map(self, f: int) -> np.ndarray:
-        if f not in self._col_maps:
-            src = self.sources[f]
-            self._col_maps[f] = self.gene_space.column_map(src.var_names, source=src.name)
-        return self._col_maps[f]
+        src = self.sources[f]
+        key = id(src.var_names)  # files with the same genes share one Index object (and one map)
+        if key not in self._col_maps:
+            self._col_maps[key] = self.gene_space.column_map(src.var_names, source=src.name)
+        return self._col_maps[key]
 
     def read_raw(self, index: int, segments: Sequence[Segment], buffers: ReadBuffers) -> _RawChunk:
         t0 = time.perf_counter()
