@@ -1,1 +1,6 @@
-"""Tools: streaming training and prediction."""
+"""Tools: streaming-coreset training and prediction."""
+
+from ._predict import load_classifier, predict
+from ._stream_train import stream_train
+
+__all__ = ["load_classifier", "predict", "stream_train"]

@@ -1,0 +1,219 @@
+"""Choosing the next buffer: class budgets over all classes seen, a rule ranking cells within a class, chunk caps.
+
+Pure numpy, no torch, no AnnData. Every rule returns a *priority order* of a class's cells; budgets,
+per-chunk caps and backfilling are applied on top of that order, so all rules share them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from .._errors import InputError
+
+Rule = Literal["top", "weighted", "forgetting", "random", "coverage"]
+RULES = ("top", "weighted", "forgetting", "random", "coverage")
+ClassBudget = Literal["proportional", "balanced"]
+
+
+def class_budgets(
+    available: np.ndarray,
+    seen_counts: np.ndarray,
+    total: int,
+    *,
+    class_budget: ClassBudget = "proportional",
+    min_per_class: int = 0,
+) -> np.ndarray:
+    """Cells to keep per class.
+
+    Shares follow ``seen_counts`` (cells of each class seen so far in the whole stream) for
+    ``"proportional"``, or are equal over the seen classes for ``"balanced"``; a class absent from the
+    current merge keeps its share of the budget as long as it has cells to fill it. Each class first
+    gets ``min(min_per_class, available)``; budgets never exceed ``available`` and what a class
+    cannot use goes to the others, so the budgets sum to ``min(total, available.sum())``.
+    """
+    available = np.asarray(available, dtype=np.int64)
+    seen = (np.asarray(seen_counts) > 0) | (available > 0)
+    total = int(min(total, available.sum()))
+    if class_budget == "balanced":
+        weights = seen.astype(np.float64)
+    elif class_budget == "proportional":
+        weights = np.where(seen, np.maximum(np.asarray(seen_counts, dtype=np.float64), 1.0), 0.0)
+    else:
+        raise InputError(f"class_budget must be 'proportional' or 'balanced', got {class_budget!r}.")
+    budget = np.minimum(available, min_per_class) * seen
+    if budget.sum() > total:  # the floor alone does not fit: spread it evenly
+        budget = np.zeros_like(available)
+        while budget.sum() < total:
+            open_ = np.flatnonzero((budget < available) & seen)
+            budget[open_[: total - budget.sum()]] += 1
+        return budget
+    # water-filling: hand out the rest by weight, capped at what each class has
+    while budget.sum() < total:
+        open_ = (budget < available) & (weights > 0)
+        if not open_.any():
+            open_ = budget < available
+            weights = open_.astype(np.float64)
+        room = total - budget.sum()
+        share = np.where(open_, weights, 0.0)
+        share = share / share.sum() * room
+        add = np.minimum(np.floor(share).astype(np.int64), available - budget)
+        if add.sum() == 0:  # fractions only: give single cells to the largest shares
+            order = np.argsort(-share, kind="stable")
+            for c in order[:room]:
+                if open_[c]:
+                    add[c] = 1
+        budget += add
+    return budget
+
+
+def _efraimidis_spirakis(weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Order for weighted sampling without replacement: taking any prefix is a weighted sample."""
+    w = np.maximum(np.asarray(weights, dtype=np.float64), 1e-12)
+    keys = np.log(rng.random(w.size)) / w
+    return np.argsort(-keys, kind="stable")
+
+
+def coverage_order(scores: np.ndarray, k: int, drop_hard: float, rng: np.random.Generator) -> np.ndarray:
+    """``k`` cells evenly spaced over the score range after dropping the hardest ``drop_hard`` fraction.
+
+    The evenly spaced picks come first, then the other kept cells in random order, the hardest tail
+    last (used only to backfill).
+    """
+    n = scores.size
+    order = np.argsort(scores, kind="stable")  # ascending: hardest first
+    n_hard = min(int(np.floor(drop_hard * n)), max(n - k, 0))
+    hard, easy = order[:n_hard], order[n_hard:]
+    k = min(k, easy.size)
+    if k == 0:
+        return np.concatenate([rng.permutation(easy), hard])
+    pos = np.floor(np.linspace(0, easy.size - 1, k) + 0.5).astype(np.int64) if k > 1 else np.array([easy.size // 2])
+    picked = np.zeros(easy.size, dtype=bool)
+    picked[pos] = True
+    return np.concatenate([easy[pos], rng.permutation(easy[~picked]), hard])
+
+
+def priority_order(
+    rule: Rule,
+    scores: np.ndarray,
+    forgetting: np.ndarray,
+    k: int,
+    rng: np.random.Generator,
+    *,
+    drop_hard: float = 0.1,
+    temperature: float = 4.0,
+) -> np.ndarray:
+    """A permutation of ``range(len(scores))``: the order in which ``rule`` wants to keep cells."""
+    n = scores.size
+    if rule == "top":
+        return np.argsort(-scores, kind="stable")
+    if rule == "random":
+        return rng.permutation(n)
+    if rule == "weighted":
+        # logistic weight of the score's quantile: confident cells likelier, hard ones still possible
+        ranks = np.empty(n)
+        ranks[np.argsort(scores, kind="stable")] = np.arange(n)
+        q = ranks / max(n - 1, 1)
+        return _efraimidis_spirakis(1.0 / (1.0 + np.exp(-temperature * (q - 0.5))), rng)
+    if rule == "forgetting":
+        return _efraimidis_spirakis(np.asarray(forgetting, dtype=np.float64) + 0.1, rng)
+    if rule == "coverage":
+        return coverage_order(scores, k, drop_hard, rng)
+    raise InputError(f"rule must be one of {RULES}, got {rule!r}.")
+
+
+def select(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    m: int,
+    *,
+    n_classes: int,
+    seen_counts: np.ndarray | None = None,
+    rule: Rule = "coverage",
+    class_budget: ClassBudget = "proportional",
+    min_per_class: int = 0,
+    chunk_ids: np.ndarray | None = None,
+    max_chunk_fraction: float | None = None,
+    forgetting: np.ndarray | None = None,
+    ages: np.ndarray | None = None,
+    score_decay: float | None = None,
+    drop_hard: float = 0.1,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Indices (sorted, unique) of the ``min(m, n)`` cells to keep.
+
+    Parameters
+    ----------
+    labels
+        Integer class of every candidate cell.
+    scores
+        Higher is easier/more confident (e.g. AUM margin).
+    m
+        Buffer size.
+    n_classes
+        Number of classes of the whole stream.
+    seen_counts
+        Cells of each class seen so far in the stream (defaults to the candidates' counts).
+    rule
+        How cells are ranked within a class (see :data:`RULES`).
+    class_budget, min_per_class
+        See :func:`class_budgets`.
+    chunk_ids, max_chunk_fraction
+        Within a class, at most ``ceil(max_chunk_fraction * budget)`` cells from one chunk; the rest of
+        the budget is backfilled in priority order.
+    forgetting
+        Forgetting events per cell (rule ``"forgetting"``).
+    ages, score_decay
+        Scores are lowered by ``score_decay * age`` standard deviations of the class's scores.
+    drop_hard
+        Fraction of hardest cells the ``"coverage"`` rule leaves out.
+    rng
+        Random generator.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    n = labels.size
+    if scores.size != n:
+        raise InputError("select: labels and scores must have the same length.")
+    if m < 0:
+        raise InputError(f"buffer_size must be non-negative, got {m}.")
+    rng = np.random.default_rng() if rng is None else rng
+    forgetting = np.zeros(n) if forgetting is None else np.asarray(forgetting)
+    available = np.bincount(labels, minlength=n_classes)
+    seen_counts = available if seen_counts is None else np.asarray(seen_counts)
+    budgets = class_budgets(available, seen_counts, m, class_budget=class_budget, min_per_class=min_per_class)
+    keep = []
+    for c in np.flatnonzero(budgets):
+        idx = np.flatnonzero(labels == c)
+        s = scores[idx]
+        if score_decay and ages is not None:
+            spread = s.std() if s.size > 1 and s.std() > 0 else 1.0
+            s = s - score_decay * spread * np.asarray(ages)[idx]
+        order = idx[priority_order(rule, s, forgetting[idx], int(budgets[c]), rng, drop_hard=drop_hard)]
+        keep.append(_take_with_caps(order, int(budgets[c]), chunk_ids, max_chunk_fraction))
+    if not keep:
+        return np.zeros(0, dtype=np.int64)
+    return np.sort(np.concatenate(keep))
+
+
+def _take_with_caps(order: np.ndarray, k: int, chunk_ids: np.ndarray | None, max_fraction: float | None) -> np.ndarray:
+    """First ``k`` of ``order``, at most ``ceil(max_fraction * k)`` per chunk, backfilled in order."""
+    if chunk_ids is None or max_fraction is None or k == 0:
+        return order[:k]
+    cap = max(1, int(np.ceil(max_fraction * k)))
+    chunks = np.asarray(chunk_ids)[order]
+    taken = np.zeros(order.size, dtype=bool)
+    counts: dict[int, int] = {}
+    n_taken = 0
+    for i, ch in enumerate(chunks):
+        if n_taken == k:
+            break
+        if counts.get(ch, 0) < cap:
+            counts[ch] = counts.get(ch, 0) + 1
+            taken[i] = True
+            n_taken += 1
+    if n_taken < k:  # backfill: the cap cannot be met with the cells there are
+        rest = np.flatnonzero(~taken)[: k - n_taken]
+        taken[rest] = True
+    return order[taken]

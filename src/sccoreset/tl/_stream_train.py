@@ -1,0 +1,273 @@
+"""`tl.stream_train`: the AnnData-facing driver of the streaming-coreset loop."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from anndata import AnnData
+from tqdm.auto import tqdm
+
+from .._engine._loop import ChunkData, EngineConfig, run
+from .._engine._model import build_model, mlp_spec
+from .._engine._selection import RULES
+from .._errors import InputError
+from .._io._sources import as_sources, close_all
+from .._utils import RandomState, as_rng, check_positive, logger
+from ..pp._chunk_plan import ORDERS, plan_chunks
+from ..pp._chunks import ChunkReader
+from ..pp._fit import fit_gene_space
+from ..pp._gene_space import GeneSpace
+from ..pp._scan import scan_sources
+from ._coreset import build_coreset
+from ._device import resolve_device
+
+
+def _eval_arrays(eval_data: Any, gene_space: GeneSpace, label_key: str, classes: list[str], mod: str | None):
+    """Features and integer labels of the evaluation data (AnnData/MuData or paths)."""
+    sources = as_sources(eval_data, mod=mod)
+    try:
+        reader = ChunkReader(sources, gene_space, label_key)
+        chunks = [reader.read(0, [(f, 0, s.n_obs)]) for f, s in enumerate(sources)]
+    finally:
+        close_all(sources)
+    X = np.concatenate([c.X for c in chunks])
+    labels = np.concatenate([c.labels for c in chunks])
+    lookup = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(labels) - set(lookup))
+    if unknown:
+        raise InputError(f"eval_data: obs[{label_key!r}] holds labels the training stream does not have: {unknown[:10]}.")
+    return X, np.array([lookup[v] for v in labels], dtype=np.int64)
+
+
+def stream_train(
+    files: Sequence[Any] | Any,
+    label_key: str,
+    *,
+    gene_space: GeneSpace | None = None,
+    n_top_genes: int = 2000,
+    classes: Sequence[str] | None = None,
+    chunk_size: int = 10_000,
+    buffer_size: int = 2_000,
+    epochs_per_step: int = 5,
+    batch_size: int = 256,
+    model: torch.nn.Module | None = None,
+    hidden: tuple[int, ...] = (256, 128),
+    lr: float = 1e-3,
+    score: str = "aum",
+    rule: str = "coverage",
+    class_budget: str = "balanced",
+    min_per_class: int = 0,
+    max_chunk_fraction: float | None = None,
+    score_decay: float | None = None,
+    drop_hard: float = 0.1,
+    balance_loss: bool = True,
+    distill: float = 0.5,
+    final_epochs: int = 5,
+    order: str = "sequential",
+    block_size: int | None = None,
+    prefetch: int = 1,
+    eval_data: Any = None,
+    device: str | torch.device | None = None,
+    random_state: RandomState = 0,
+    mod: str | None = None,
+    progress: bool = True,
+) -> AnnData:
+    """Train a classifier on a stream of files in bounded memory and return the coreset as AnnData.
+
+    For each chunk of ``chunk_size`` cells: merge it with the buffer of ``buffer_size`` cells, train
+    ``epochs_per_step`` epochs while recording per-cell training dynamics, keep ``buffer_size`` cells
+    by those dynamics (class-stratified), evaluate; the next chunk is read and transformed in the
+    background meanwhile. Memory is about ``2 * chunk_size + buffer_size`` cells plus the model.
+
+    The defaults are the configuration that wins ``benchmarks/bench_accuracy.py`` on a
+    class-incremental stream (each file holding a few types): ``rule="coverage"`` keeps cells spread
+    evenly over the AUM range after dropping the hardest 10% (likely mislabelled or ambiguous cells)
+    rather than only the easy ones; ``class_budget="balanced"`` gives every class seen so far an equal
+    share, so classes absent from recent chunks are not squeezed out; ``balance_loss`` weights the
+    loss by inverse class frequency in each merged set; ``distill`` replays the logits stored with
+    each buffer cell (dark experience replay); ``final_epochs`` consolidates on the final buffer.
+
+    Parameters
+    ----------
+    files
+        Paths to ``.h5ad`` / ``.h5mu`` files, or AnnData / MuData objects (in memory or backed).
+    label_key
+        obs column with the labels to learn.
+    gene_space
+        A fitted :class:`~sccoreset.pp.GeneSpace`; fitted with ``n_top_genes`` in one extra pass if None.
+    n_top_genes
+        Highly variable genes to select when fitting the gene space.
+    classes
+        The label set; read from the files (metadata pass) if None. A label in the files that is not
+        in a given set is an error naming the file.
+    chunk_size
+        Cells read per step (k).
+    buffer_size
+        Cells kept between steps (m), and the size of the returned coreset.
+    epochs_per_step
+        Epochs over buffer ∪ chunk at every step.
+    batch_size
+        Minibatch size.
+    model
+        Any ``torch.nn.Module`` mapping features to logits; default an MLP with ``hidden`` layers.
+    hidden
+        Hidden layer sizes of the default MLP.
+    lr
+        AdamW learning rate.
+    score
+        Training dynamic that ranks cells: ``"aum"`` (mean margin), ``"confidence"``,
+        ``"forgetting"`` or ``"loss"``.
+    rule
+        Selection rule within a class: ``"coverage"``, ``"top"``, ``"weighted"``, ``"forgetting"``, ``"random"``.
+    class_budget
+        ``"balanced"`` (equal per class seen so far) or ``"proportional"`` (to class counts seen so far).
+    min_per_class
+        Floor of every seen class's budget.
+    max_chunk_fraction
+        At most this fraction of a class's budget from one chunk (backfilled when it cannot be met).
+    score_decay
+        Lower buffer cells' scores by this many score standard deviations per step of age.
+    drop_hard
+        Fraction of the hardest cells the coverage rule leaves out.
+    balance_loss
+        Weight the loss by inverse class frequency within each merged set.
+    distill
+        Weight of the logit-replay loss on buffer cells (0 turns it off).
+    final_epochs
+        Epochs on the final buffer alone after the stream ends.
+    order
+        Chunk composition: ``"sequential"`` or ``"block_shuffle"`` (see :func:`~sccoreset.pp.iter_chunks`).
+    block_size
+        Rows per block for ``"block_shuffle"``.
+    prefetch
+        Chunks read ahead in the background.
+    eval_data
+        Held-out AnnData / files with the same ``label_key``, evaluated after every step.
+    device
+        ``"cuda"``, ``"mps"``, ``"cpu"``; default the first available in that order.
+    random_state
+        Seed of everything: chunk order, shuffling, selection and model initialisation.
+    mod
+        Modality to read from MuData inputs.
+    progress
+        Show a progress bar over the steps.
+
+    Returns
+    -------
+    The coreset: ``X`` the features of the kept cells on the gene list, ``layers["counts"]`` their raw
+    counts on the same genes, ``obs`` their original obs plus ``sccoreset_file``, ``sccoreset_row``,
+    ``sccoreset_chunk``, ``sccoreset_step_added`` and the score columns, ``uns["sccoreset"]`` the
+    parameters, classes, gene space, per-step history and the trained model.
+
+    Examples
+    --------
+    >>> coreset = sccoreset.tl.stream_train(files, "cell_type", buffer_size=2000)  # doctest: +SKIP
+    >>> sccoreset.tl.predict(new_cells, coreset)  # doctest: +SKIP
+    """
+    params = {k: v for k, v in locals().items() if k not in ("files", "gene_space", "model", "eval_data", "classes")}
+    check_positive(
+        chunk_size=chunk_size, buffer_size=buffer_size, epochs_per_step=epochs_per_step, batch_size=batch_size,
+        lr=lr, n_top_genes=n_top_genes, block_size=block_size,
+    )  # fmt: skip
+    if buffer_size >= chunk_size:
+        raise InputError(f"buffer_size ({buffer_size}) must be smaller than chunk_size ({chunk_size}).")
+    if rule not in RULES:
+        raise InputError(f"rule must be one of {RULES}, got {rule!r}.")
+    if score not in ("aum", "confidence", "forgetting", "loss"):
+        raise InputError(f"score must be 'aum', 'confidence', 'forgetting' or 'loss', got {score!r}.")
+    if class_budget not in ("balanced", "proportional"):
+        raise InputError(f"class_budget must be 'balanced' or 'proportional', got {class_budget!r}.")
+    if order not in ORDERS:
+        raise InputError(f"order must be one of {ORDERS}, got {order!r}.")
+    if max_chunk_fraction is not None and not 0 < max_chunk_fraction <= 1:
+        raise InputError(f"max_chunk_fraction must be in (0, 1], got {max_chunk_fraction}.")
+    if not 0 <= drop_hard < 1:
+        raise InputError(f"drop_hard must be in [0, 1), got {drop_hard}.")
+    dev = resolve_device(device)
+    rng = as_rng(random_state)
+    t_start = time.perf_counter()
+
+    sources = as_sources(files, mod=mod)
+    try:
+        info = scan_sources(sources, label_key, classes)
+        class_list = [str(c) for c in classes] if classes is not None else info.labels
+        if len(class_list) < 2:
+            raise InputError(f"obs[{label_key!r}]: need at least 2 classes to train, found {class_list}.")
+        if min_per_class * len(class_list) > buffer_size:
+            raise InputError(
+                f"buffer_size ({buffer_size}) is smaller than the number of classes ({len(class_list)}) "
+                f"times min_per_class ({min_per_class})."
+            )
+        if gene_space is None:
+            gene_space = fit_gene_space(files, n_top_genes=n_top_genes, mod=mod, progress=progress)
+        reader = ChunkReader(sources, gene_space, label_key)
+        for f in range(len(sources)):
+            reader.col_map(f)  # gene alignment errors before any training
+        eval_set = _eval_arrays(eval_data, gene_space, label_key, class_list, mod) if eval_data is not None else None
+        if model is None:
+            spec = mlp_spec(gene_space.n_genes, len(class_list), tuple(hidden))
+            torch.manual_seed(int(rng.integers(2**62)))
+            model = build_model(spec)
+        else:
+            spec = None
+            _check_model(model, gene_space.n_genes, len(class_list))
+        plan = plan_chunks(info.n_obs, chunk_size, order=order, block_size=block_size, rng=rng)
+        lookup = {c: i for i, c in enumerate(class_list)}
+
+        def engine_chunks() -> Iterator[ChunkData]:
+            for chunk in reader.iterate(plan, prefetch=prefetch):
+                y = np.fromiter((lookup[v] for v in chunk.labels), dtype=np.int64, count=len(chunk))
+                prov = {"file": chunk.file_index.astype(np.int64), "row": chunk.row, "obs_name": chunk.obs_names}
+                yield ChunkData(chunk.index, chunk.X, y, prov)
+
+        cfg = EngineConfig(
+            n_classes=len(class_list), buffer_size=buffer_size, epochs_per_step=epochs_per_step,
+            batch_size=batch_size, lr=lr, score=score, rule=rule, class_budget=class_budget,
+            min_per_class=min_per_class, max_chunk_fraction=max_chunk_fraction, score_decay=score_decay,
+            drop_hard=drop_hard, balance_loss=balance_loss, distill=distill, final_epochs=final_epochs,
+            device=dev,
+        )  # fmt: skip
+        events = []
+        bar = tqdm(total=len(plan), desc="stream_train", unit="chunk", disable=not progress)
+        for event in run(engine_chunks(), model, cfg, eval_set=eval_set, rng=rng):
+            events.append(event)
+            if event["step"] != "final":
+                bar.update(1)
+                if "macro_f1" in event:
+                    bar.set_postfix(macro_f1=f"{event['macro_f1']:.3f}", acc=f"{event['accuracy']:.3f}")
+                logger.info(_describe(event))
+        bar.close()
+        buffer = events[-1].pop("buffer")
+        params["device"] = dev
+        params["wall_seconds"] = time.perf_counter() - t_start
+        return build_coreset(
+            sources, buffer, events, gene_space=gene_space, classes=class_list, label_key=label_key,
+            model=model, spec=spec, params=params,
+        )  # fmt: skip
+    finally:
+        close_all(sources)
+
+
+def _check_model(model: torch.nn.Module, n_genes: int, n_classes: int) -> None:
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            out = model(torch.zeros(2, n_genes))
+            model.train(was)
+    except Exception as e:  # noqa: BLE001 - any failure means the model does not fit the gene space
+        raise InputError(f"model: cannot map {n_genes} features (the gene list) to logits ({e}).") from e
+    if out.ndim != 2 or out.shape[1] != n_classes:
+        raise InputError(f"model: outputs shape {tuple(out.shape[1:])} per cell, but there are {n_classes} classes.")
+
+
+def _describe(event: dict) -> str:
+    s = f"step {event['step']}: loss {event['train_loss']:.3f}"
+    if "macro_f1" in event:
+        s += f", accuracy {event['accuracy']:.3f}, macro-F1 {event['macro_f1']:.3f}"
+    return s
+
