@@ -40,7 +40,7 @@ class EngineConfig:
     rule: str = "coverage"
     class_budget: str = "balanced"
     min_per_class: int = 0
-    max_chunk_fraction: float | None = None
+    max_chunk_fraction: float | None = 0.3
     score_decay: float | None = None
     drop_hard: float = 0.1
     balance_loss: bool = True

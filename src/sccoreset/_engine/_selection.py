@@ -14,7 +14,8 @@ from .._errors import InputError
 
 Rule = Literal["top", "weighted", "forgetting", "random", "coverage"]
 RULES = ("top", "weighted", "forgetting", "random", "coverage")
-ClassBudget = Literal["proportional", "balanced"]
+ClassBudget = Literal["proportional", "balanced", "merged"]
+CLASS_BUDGETS = ("balanced", "proportional", "merged")
 
 
 def class_budgets(
@@ -29,7 +30,9 @@ def class_budgets(
 
     Shares follow ``seen_counts`` (cells of each class seen so far in the whole stream) for
     ``"proportional"``, or are equal over the seen classes for ``"balanced"``; a class absent from the
-    current merge keeps its share of the budget as long as it has cells to fill it. Each class first
+    current merge keeps its share of the budget as long as it has cells to fill it. ``"merged"`` is
+    plain stratified sampling: shares follow the classes' counts in the current merge, so a class
+    missing from recent chunks shrinks step after step (kept as a baseline). Each class first
     gets ``min(min_per_class, available)``; budgets never exceed ``available`` and what a class
     cannot use goes to the others, so the budgets sum to ``min(total, available.sum())``.
     """
@@ -38,10 +41,12 @@ def class_budgets(
     total = int(min(total, available.sum()))
     if class_budget == "balanced":
         weights = seen.astype(np.float64)
+    elif class_budget == "merged":
+        weights = available.astype(np.float64)
     elif class_budget == "proportional":
         weights = np.where(seen, np.maximum(np.asarray(seen_counts, dtype=np.float64), 1.0), 0.0)
     else:
-        raise InputError(f"class_budget must be 'proportional' or 'balanced', got {class_budget!r}.")
+        raise InputError(f"class_budget must be one of {CLASS_BUDGETS}, got {class_budget!r}.")
     budget = np.minimum(available, min_per_class) * seen
     if budget.sum() > total:  # the floor alone does not fit: spread it evenly
         budget = np.zeros_like(available)

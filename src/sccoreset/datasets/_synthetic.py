@@ -52,8 +52,8 @@ def _programs(rng, n_genes, base, n_lineages, subtypes_per_lineage, lineage_stre
     candidates = np.flatnonzero(base > np.quantile(base, 0.6))
     n_types = n_lineages * subtypes_per_lineage
     lfc = np.zeros((n_types, n_genes), dtype=np.float64)
-    n_lin_genes = max(20, n_genes // 200)
-    n_sub_genes = max(8, n_genes // 500)
+    n_lin_genes = max(20, n_genes // 100)
+    n_sub_genes = max(10, n_genes // 250)
     for li in range(n_lineages):
         genes = rng.choice(candidates, n_lin_genes, replace=False)
         effect = rng.normal(lineage_strength, 0.3 * lineage_strength, n_lin_genes) * rng.choice([-1, 1], n_lin_genes, p=[0.2, 0.8])
@@ -158,7 +158,7 @@ def synthetic_stream(
     rare_type: bool = True,
     rare_fraction: float = 0.005,
     lineage_strength: float = 1.5,
-    subtype_strength: float = 0.6,
+    subtype_strength: float = 0.8,
     batch_strength: float = 0.25,
     library_size: float = 4000.0,
     dispersion: float = 2.0,
