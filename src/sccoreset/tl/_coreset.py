@@ -59,7 +59,7 @@ def _obs(sources: Sequence[Source], buffer: Buffer, classes: Sequence[str], labe
     obs = pd.concat(frames, ignore_index=True).sort_values("_pos").drop(columns="_pos").reset_index(drop=True)
     for col in obs.columns:  # columns missing from some files: keep h5ad-writable dtypes
         if obs[col].dtype == object:
-            obs[col] = obs[col].astype(str)
+            obs[col] = pd.Categorical(obs[col].astype(str))
     obs[label_key] = pd.Categorical([classes[i] for i in buffer.y], categories=list(classes))
     names = [sources[f].name for f in range(len(sources))]
     obs["sccoreset_file"] = pd.Categorical([names[f] for f in files], categories=names)
