@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --durations=15 tests notebooks --nbmake-timeout=600 -p no:cacheprovider
+	$(PY) -m pytest -n 2 --durations=10 tests -p no:cacheprovider
 
 demo: $(STAMP)
 	$(PY) -m sccoreset.demo --out demo_output
