@@ -33,15 +33,22 @@ def main():
     n_files, per_file = (4, 3000) if args.quick else (10, 10_000)
     t0 = time.perf_counter()
     stream = scc.datasets.synthetic_stream(
-        DATA / ("acc_quick" if args.quick else "acc"), n_files=n_files, cells_per_file=per_file, n_genes=5000,
-        missing_gene_fraction=0.02, holdout_per_type=300, random_state=7,
+        DATA / ("acc_quick" if args.quick else "acc"),
+        n_files=n_files,
+        cells_per_file=per_file,
+        n_genes=5000,
+        missing_gene_fraction=0.02,
+        holdout_per_type=300,
+        random_state=7,
     )
     files, key = [str(f) for f in stream.files], stream.label_key
     info = scc.pp.scan(files, key)
     classes = info.labels
-    print(f"stream: {len(files)} files, {info.n_cells:,} cells, {len(classes)} types "
-          f"(late: {stream.late_type}, rare: {stream.rare_type} = {info.label_counts[stream.rare_type].sum()} cells) "
-          f"[{time.perf_counter() - t0:.0f} s]")
+    print(
+        f"stream: {len(files)} files, {info.n_cells:,} cells, {len(classes)} types "
+        f"(late: {stream.late_type}, rare: {stream.rare_type} = {info.label_counts[stream.rare_type].sum()} cells) "
+        f"[{time.perf_counter() - t0:.0f} s]"
+    )
     gs = scc.pp.fit_gene_space(files, n_top_genes=2000)
     buffer = info.n_cells // 100
     chunk = per_file
@@ -54,15 +61,20 @@ def main():
     def chunks():
         for c in scc.pp.iter_chunks(files, gs, chunk_size=chunk, label_key=key):
             y = np.array([lookup[v] for v in c.labels])
-            yield ChunkData(c.index, c.X, y, {"file": c.file_index.astype(np.int64), "row": c.row, "obs_name": c.obs_names})
+            yield ChunkData(
+                c.index, c.X, y, {"file": c.file_index.astype(np.int64), "row": c.row, "obs_name": c.obs_names}
+            )
 
     results = {}
 
     def report(name, metrics, seconds):
         results[name] = metrics
         f1 = np.nan_to_num(metrics["f1"])
-        print(f"{name:<34} macro-F1 {metrics['macro_f1']:.3f}  accuracy {metrics['accuracy']:.3f}  "
-              f"min class F1 {f1.min():.2f} ({classes[int(f1.argmin())]})  [{seconds:.0f} s]", flush=True)
+        print(
+            f"{name:<34} macro-F1 {metrics['macro_f1']:.3f}  accuracy {metrics['accuracy']:.3f}  "
+            f"min class F1 {f1.min():.2f} ({classes[int(f1.argmin())]})  [{seconds:.0f} s]",
+            flush=True,
+        )
 
     def engine_run(name, **kw):
         t = time.perf_counter()
@@ -92,8 +104,9 @@ def main():
         report("offline (all cells in memory)", classification_metrics(ye, pred, len(classes)), time.perf_counter() - t)
         del X, y
     # plain replay: random cells, stratified by class within the current merge, plain loss
-    baseline = dict(rule="random", class_budget="merged", balance_loss=False, distill=0.0, final_epochs=0,
-                    max_chunk_fraction=None)
+    baseline = dict(
+        rule="random", class_budget="merged", balance_loss=False, distill=0.0, final_epochs=0, max_chunk_fraction=None
+    )
     if want("naive"):
         engine_run("naive streaming (no buffer)", **{**baseline, "buffer_size": 0})
     if want("random"):

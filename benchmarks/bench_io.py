@@ -84,7 +84,9 @@ def main():
         DATA / "io", n_files=args.n_files, cells_per_file=args.cells_per_file, n_genes=20_000, holdout_per_type=10
     )
     files = [str(f) for f in stream.files]
-    print(f"stream: {len(files)} files x {args.cells_per_file} cells x 20,000 genes (ready in {time.perf_counter() - t0:.0f} s)")
+    print(
+        f"stream: {len(files)} files x {args.cells_per_file} cells x 20,000 genes (ready in {time.perf_counter() - t0:.0f} s)"
+    )
     with h5py.File(files[0]) as f:
         nnz = np.diff(f["X/indptr"][:]).mean()
     print(f"nonzeros per cell: {nnz:.0f}")
@@ -140,9 +142,13 @@ def main():
         )
         res = json.loads(out.stdout.strip().splitlines()[-1])
         peaks[label] = res["peak_rss_mib"]
-        print(f"peak RSS {label:>20}: {res['peak_rss_mib']:6.0f} MiB ({res['cells']:,} cells, {res['cells_per_s']:,.0f} cells/s)")
+        print(
+            f"peak RSS {label:>20}: {res['peak_rss_mib']:6.0f} MiB ({res['cells']:,} cells, {res['cells_per_s']:,.0f} cells/s)"
+        )
     print(f"peak RSS growth, 10x files (same cells): {100 * (peaks['100 files'] / peaks['10 files'] - 1):+.1f}%")
-    print(f"peak RSS growth, 10x files and cells:    {100 * (peaks['100 files, 10x cells'] / peaks['10 files'] - 1):+.1f}%")
+    print(
+        f"peak RSS growth, 10x files and cells:    {100 * (peaks['100 files, 10x cells'] / peaks['10 files'] - 1):+.1f}%"
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ def random_counts(rng: np.random.Generator, n_obs: int, genes: list[str], *, den
     X = sp.random(n_obs, len(genes), density=density, format="csr", random_state=rng, dtype=np.float32)
     X.data = np.ceil(X.data * 20).astype(np.float32)
     labels = rng.choice(["a", "b", "c"], n_obs)
-    obs = pd.DataFrame({"label": pd.Categorical(labels), "score": rng.random(n_obs)}, index=[f"c{i}" for i in range(n_obs)])
+    obs = pd.DataFrame(
+        {"label": pd.Categorical(labels), "score": rng.random(n_obs)}, index=[f"c{i}" for i in range(n_obs)]
+    )
     return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import anndata as ad
 import mudata as md
 import numpy as np
 import pytest
@@ -114,11 +113,13 @@ def test_csc_matrix_is_refused(tmp_path, good):
 
 
 def test_label_not_in_given_set(good):
-    from sccoreset.pp._scan import scan_sources
     from sccoreset._io._sources import as_sources
+    from sccoreset.pp._scan import scan_sources
 
     _, path = good
-    with pytest.raises(InputError, match=r"good\.h5ad: obs\['label'\] holds labels not in the given label set: \['c'\]"):
+    with pytest.raises(
+        InputError, match=r"good\.h5ad: obs\['label'\] holds labels not in the given label set: \['c'\]"
+    ):
         scan_sources(as_sources([path]), "label", classes=["a", "b"])
 
 

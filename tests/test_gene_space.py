@@ -115,9 +115,9 @@ def test_transform_errors_name_the_problem():
     gs = scc.pp.GeneSpace(genes=np.array(["a", "b"]), mean=np.zeros(2), std=np.ones(2))
     with pytest.raises(InputError, match="none of its 2 genes"):
         gs.transform(np.ones((2, 2)), ["x", "y"], source="my.h5ad")
-    with pytest.raises(InputError, match="my.h5ad: duplicate gene"):
+    with pytest.raises(InputError, match=r"my\.h5ad: duplicate gene"):
         gs.transform(np.ones((2, 2)), ["a", "a"], source="my.h5ad")
-    with pytest.raises(InputError, match="negative or non-finite.*row 1"):
+    with pytest.raises(InputError, match=r"negative or non-finite.*row 1"):
         gs.transform(np.array([[1.0, 2.0], [np.nan, 1.0]]), ["a", "b"])
     with pytest.raises(InputError, match="negative or non-finite"):
         gs.transform(np.array([[1.0, -2.0]]), ["a", "b"])

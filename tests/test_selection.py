@@ -83,9 +83,7 @@ def test_class_absent_from_chunk_keeps_its_share():
     assert (labels[bal] == 0).sum() == 20
 
 
-@given(
-    n=st.integers(1, 200), k=st.integers(0, 200), drop=st.floats(0, 0.9), seed=st.integers(0, 100)
-)
+@given(n=st.integers(1, 200), k=st.integers(0, 200), drop=st.floats(0, 0.9), seed=st.integers(0, 100))
 def test_coverage_spreads_over_range_and_drops_hard_tail(n, k, drop, seed):
     rng = np.random.default_rng(seed)
     scores = rng.normal(size=n)

@@ -36,7 +36,9 @@ def test_coreset_contract(trained, small_stream, small_gene_space):
         src = ad.read_h5ad(path)
         rows = cs.obs["sccoreset_row"].to_numpy()[sel]
         np.testing.assert_array_equal(cs.obs_names[sel], src.obs_names[rows])
-        np.testing.assert_array_equal(cs.obs["cell_type"].astype(str).to_numpy()[sel], src.obs["cell_type"].astype(str).to_numpy()[rows])
+        np.testing.assert_array_equal(
+            cs.obs["cell_type"].astype(str).to_numpy()[sel], src.obs["cell_type"].astype(str).to_numpy()[rows]
+        )
         np.testing.assert_array_equal(cs.X[sel], small_gene_space.transform(src.X[rows], src.var_names))
         expected = src[rows].to_df().reindex(columns=cs.var_names, fill_value=0.0).to_numpy()
         np.testing.assert_array_equal(cs.layers["counts"][sel].toarray(), expected)
@@ -84,7 +86,9 @@ def test_same_seed_same_coreset(small_stream, small_gene_space):
     ]
     assert list(runs[0].obs_names) == list(runs[1].obs_names)
     np.testing.assert_array_equal(runs[0].X, runs[1].X)
-    np.testing.assert_array_equal(runs[0].uns["sccoreset"]["history"]["train_loss"], runs[1].uns["sccoreset"]["history"]["train_loss"])
+    np.testing.assert_array_equal(
+        runs[0].uns["sccoreset"]["history"]["train_loss"], runs[1].uns["sccoreset"]["history"]["train_loss"]
+    )
     assert list(runs[0].obs_names) != list(runs[2].obs_names)
 
 
@@ -102,7 +106,11 @@ def test_custom_model_and_errors(small_stream, small_gene_space):
     cs = scc.tl.stream_train(files, "cell_type", gene_space=small_gene_space, model=model, **KW)
     with pytest.raises(ValueError, match="custom model"):
         scc.tl.predict(ad.read_h5ad(small_stream.holdout), cs)
-    scc.tl.predict(ad.read_h5ad(small_stream.holdout), cs, model=torch.nn.Sequential(torch.nn.Linear(small_gene_space.n_genes, n_classes)))
+    scc.tl.predict(
+        ad.read_h5ad(small_stream.holdout),
+        cs,
+        model=torch.nn.Sequential(torch.nn.Linear(small_gene_space.n_genes, n_classes)),
+    )
 
     def call(**kw):
         return scc.tl.stream_train(files, "cell_type", gene_space=small_gene_space, **{**KW, **kw})
@@ -123,7 +131,9 @@ def test_custom_model_and_errors(small_stream, small_gene_space):
         call(classes=["B-1", "B-2"])
     hold = ad.read_h5ad(small_stream.holdout)
     hold.obs["cell_type"] = hold.obs["cell_type"].astype(str).replace({"B-1": "Plasma"})
-    with pytest.raises(InputError, match=r"eval_data: obs\['cell_type'\] holds labels the training stream does not have: \['Plasma'\]"):
+    with pytest.raises(
+        InputError, match=r"eval_data: obs\['cell_type'\] holds labels the training stream does not have: \['Plasma'\]"
+    ):
         call(eval_data=hold)
     with pytest.raises(InputError, match="none of its"):
         call(eval_data=ad.AnnData(hold.X, obs=hold.obs, var=hold.var.set_index(hold.var_names + "_x")))

@@ -17,6 +17,7 @@ import sccoreset as scc
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the demo; ``argv`` as on the command line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_output", help="folder for the stream files and the coreset")
     p.add_argument("--buffer-size", type=int, default=60)
@@ -45,7 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     hist = coreset.uns["sccoreset"]["history"]
     print("\nstep  accuracy  macro-F1  buffer")
     for i in range(len(hist["step"])):
-        print(f"{i:>4}  {hist['accuracy'][i]:8.3f}  {hist['macro_f1'][i]:8.3f}  {hist['buffer_class_counts'][i].sum():>6}")
+        print(
+            f"{i:>4}  {hist['accuracy'][i]:8.3f}  {hist['macro_f1'][i]:8.3f}  {hist['buffer_class_counts'][i].sum():>6}"
+        )
     final = hist["final"]
     print(f"final {final['accuracy']:8.3f}  {final['macro_f1']:8.3f}  (after consolidation on the coreset)")
     path = out / "coreset.h5ad"

@@ -34,7 +34,11 @@ class Dynamics:
         other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
         p = logp.gather(1, y[:, None])[:, 0].exp()
         correct = (logits.argmax(1) == y).cpu().numpy()
-        p, margin, loss = p.cpu().numpy(), (true_logit - other).cpu().numpy(), (-logp.gather(1, y[:, None])[:, 0]).cpu().numpy()
+        p, margin, loss = (
+            p.cpu().numpy(),
+            (true_logit - other).cpu().numpy(),
+            (-logp.gather(1, y[:, None])[:, 0]).cpu().numpy(),
+        )
         seen_before = self.n_seen[idx] > 0
         self.forgetting[idx] += (seen_before & self.last_correct[idx] & ~correct).astype(np.int32)
         self.last_correct[idx] = correct

@@ -66,7 +66,9 @@ class Buffer:
         prov["age"] = np.zeros(0, np.int64)
         prov["step_added"] = np.zeros(0, np.int64)
         prov["chunk"] = np.zeros(0, np.int64)
-        return cls(np.zeros((0, n_features), np.float32), np.zeros(0, np.int64), np.zeros((0, n_classes), np.float32), prov)
+        return cls(
+            np.zeros((0, n_features), np.float32), np.zeros(0, np.int64), np.zeros((0, n_classes), np.float32), prov
+        )
 
     def __len__(self) -> int:
         return self.y.size
@@ -113,7 +115,11 @@ def train_epochs(
     dyn = Dynamics(n)
     Xt = torch.from_numpy(X).to(dev)
     yt = torch.from_numpy(y).to(dev)
-    w = torch.from_numpy(class_weights(y, cfg.n_classes) if cfg.balance_loss else np.ones(cfg.n_classes)).float().to(dev)
+    w = (
+        torch.from_numpy(class_weights(y, cfg.n_classes) if cfg.balance_loss else np.ones(cfg.n_classes))
+        .float()
+        .to(dev)
+    )
     use_distill = cfg.distill > 0 and stored_logits is not None and is_buffer is not None and is_buffer.any()
     if use_distill:
         Lt = torch.from_numpy(stored_logits).to(dev)
@@ -245,7 +251,9 @@ def _event(step, chunk, buffer, cfg, losses, eval_set, model) -> dict[str, Any]:
         "epoch_losses": np.asarray(losses, dtype=np.float64),
         "buffer_class_counts": np.bincount(buffer.y, minlength=cfg.n_classes),
         "buffer_chunk_counts": np.bincount(buffer.provenance["chunk"]) if len(buffer) else np.zeros(0, np.int64),
-        "chunk_class_counts": np.zeros(cfg.n_classes, np.int64) if chunk is None else np.bincount(chunk.y, minlength=cfg.n_classes),
+        "chunk_class_counts": np.zeros(cfg.n_classes, np.int64)
+        if chunk is None
+        else np.bincount(chunk.y, minlength=cfg.n_classes),
     }
     if eval_set is not None:
         pred = _predict_logits(model, eval_set[0], cfg.device).argmax(1)

@@ -6,8 +6,11 @@ import numpy as np
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[str, object]:
-    """``accuracy``, ``f1`` (per class; NaN for a class absent from both truth and prediction) and
-    ``macro_f1`` (mean F1 over the classes present in ``y_true``)."""
+    """Accuracy, per-class F1 and macro-F1.
+
+    ``f1`` is NaN for a class absent from both truth and prediction; ``macro_f1`` averages over the
+    classes present in ``y_true``.
+    """
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
     tp = np.bincount(y_true[y_true == y_pred], minlength=n_classes).astype(np.float64)

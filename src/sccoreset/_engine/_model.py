@@ -40,7 +40,10 @@ def arrays_to_state(arrays: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 def model_record(model: nn.Module, spec: Mapping[str, Any] | None) -> dict[str, Any]:
     """What goes into ``uns``: the spec as JSON (``"custom"`` for user models) and the weights."""
-    return {"spec": json.dumps(dict(spec) if spec is not None else {"kind": "custom"}), "weights": state_to_arrays(model)}
+    return {
+        "spec": json.dumps(dict(spec) if spec is not None else {"kind": "custom"}),
+        "weights": state_to_arrays(model),
+    }
 
 
 def load_model(record: Mapping[str, Any], model: nn.Module | None = None) -> nn.Module:

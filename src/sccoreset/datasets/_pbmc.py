@@ -11,7 +11,7 @@ import scipy.sparse as sp
 
 
 def pbmc_counts() -> ad.AnnData:
-    """scanpy's ``pbmc68k_reduced`` (700 cells, 765 genes, 10 ``bulk_labels``) with integer counts in ``X``.
+    """Scanpy's ``pbmc68k_reduced`` (700 cells, 765 genes, 10 ``bulk_labels``) with integer counts in ``X``.
 
     The dataset ships only log-normalized values (``.raw``). Each cell's normalized values are
     multiples of its smallest nonzero value (one count), so dividing ``expm1(raw)`` by that value and

@@ -56,7 +56,9 @@ def _programs(rng, n_genes, base, n_lineages, subtypes_per_lineage, lineage_stre
     n_sub_genes = max(10, n_genes // 250)
     for li in range(n_lineages):
         genes = rng.choice(candidates, n_lin_genes, replace=False)
-        effect = rng.normal(lineage_strength, 0.3 * lineage_strength, n_lin_genes) * rng.choice([-1, 1], n_lin_genes, p=[0.2, 0.8])
+        effect = rng.normal(lineage_strength, 0.3 * lineage_strength, n_lin_genes) * rng.choice(
+            [-1, 1], n_lin_genes, p=[0.2, 0.8]
+        )
         for s in range(subtypes_per_lineage):
             t = li * subtypes_per_lineage + s
             lfc[t, genes] += effect
@@ -206,12 +208,16 @@ def synthetic_stream(
     base = rng.normal(0.0, 1.6, n_genes)
     lfc = _programs(rng, n_genes, base, n_lineages, subtypes_per_lineage, lineage_strength, subtype_strength)
     log_p = base[None, :] + lfc
-    names = [f"{_LINEAGES[li % len(_LINEAGES)]}-{s + 1}" for li in range(n_lineages) for s in range(subtypes_per_lineage)]
+    names = [
+        f"{_LINEAGES[li % len(_LINEAGES)]}-{s + 1}" for li in range(n_lineages) for s in range(subtypes_per_lineage)
+    ]
     lineage = {n: n.split("-")[0] for n in names}
     order = rng.permutation(len(names))
     late = int(order[0]) if late_type else None
     rare = int(order[1]) if rare_type else None
-    regular = [int(i) for i in order[2:]] + ([] if late_type else [int(order[0])]) + ([] if rare_type else [int(order[1])])
+    regular = (
+        [int(i) for i in order[2:]] + ([] if late_type else [int(order[0])]) + ([] if rare_type else [int(order[1])])
+    )
     type_of_slot = np.array(regular + [late if late is not None else -1, rare if rare is not None else -1])
     counts = _schedule(rng, n_files, regular, types_per_file, late, rare, rare_fraction, cells_per_file)
     batch_lfc = rng.normal(0.0, batch_strength, (n_files, n_genes))

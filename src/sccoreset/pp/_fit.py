@@ -64,9 +64,7 @@ def accumulate_statistics(
     with tqdm(total=total, desc="gene statistics", unit="cells", disable=not progress) as bar:
         for f, start, block in prefetch(blocks, depth=2):
             bad = np.zeros(block.n_rows, dtype=np.uint8)
-            n_bad = csr_accumulate(
-                block.data, block.indices, block.indptr, col_maps[f], target_sum, sums, bad
-            )
+            n_bad = csr_accumulate(block.data, block.indices, block.indptr, col_maps[f], target_sum, sums, bad)
             if n_bad:
                 row = start + int(np.flatnonzero(bad)[0])
                 raise InputError(

@@ -85,7 +85,9 @@ def history_from_events(events: list[dict[str, Any]], n_classes: int) -> dict[st
         "n_chunk": np.array([e["n_chunk"] for e in steps], dtype=np.int64),
         "train_loss": np.array([e["train_loss"] for e in steps], dtype=np.float64),
         "epoch_losses": np.array([e["epoch_losses"] for e in steps], dtype=np.float64),
-        "buffer_class_counts": np.array([e["buffer_class_counts"] for e in steps], dtype=np.int64).reshape(-1, n_classes),
+        "buffer_class_counts": np.array([e["buffer_class_counts"] for e in steps], dtype=np.int64).reshape(
+            -1, n_classes
+        ),
         "chunk_class_counts": np.array([e["chunk_class_counts"] for e in steps], dtype=np.int64).reshape(-1, n_classes),
         "buffer_chunk_counts": np.array(
             [np.pad(e["buffer_chunk_counts"], (0, n_chunks - len(e["buffer_chunk_counts"]))) for e in steps],

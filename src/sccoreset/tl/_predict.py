@@ -13,7 +13,9 @@ from .._errors import InputError
 from ..pp._gene_space import GeneSpace
 
 
-def load_classifier(coreset: AnnData, model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, GeneSpace, list[str]]:
+def load_classifier(
+    coreset: AnnData, model: torch.nn.Module | None = None
+) -> tuple[torch.nn.Module, GeneSpace, list[str]]:
     """The trained model, its gene space and label order, from a coreset (in memory or read from disk)."""
     if "sccoreset" not in coreset.uns:
         raise InputError("coreset: no uns['sccoreset']; pass the AnnData returned by sccoreset.tl.stream_train.")

@@ -39,7 +39,9 @@ def _eval_arrays(eval_data: Any, gene_space: GeneSpace, label_key: str, classes:
     lookup = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(labels) - set(lookup))
     if unknown:
-        raise InputError(f"eval_data: obs[{label_key!r}] holds labels the training stream does not have: {unknown[:10]}.")
+        raise InputError(
+            f"eval_data: obs[{label_key!r}] holds labels the training stream does not have: {unknown[:10]}."
+        )
     return X, np.array([lookup[v] for v in labels], dtype=np.int64)
 
 
@@ -263,7 +265,7 @@ def _check_model(model: torch.nn.Module, n_genes: int, n_classes: int) -> None:
             model.eval()
             out = model(torch.zeros(2, n_genes))
             model.train(was)
-    except Exception as e:  # noqa: BLE001 - any failure means the model does not fit the gene space
+    except Exception as e:
         raise InputError(f"model: cannot map {n_genes} features (the gene list) to logits ({e}).") from e
     if out.ndim != 2 or out.shape[1] != n_classes:
         raise InputError(f"model: outputs shape {tuple(out.shape[1:])} per cell, but there are {n_classes} classes.")
@@ -274,4 +276,3 @@ def _describe(event: dict) -> str:
     if "macro_f1" in event:
         s += f", accuracy {event['accuracy']:.3f}, macro-F1 {event['macro_f1']:.3f}"
     return s
-
