@@ -251,6 +251,7 @@ def _event(step, chunk, buffer, cfg, losses, eval_set, model) -> dict[str, Any]:
         "epoch_losses": np.asarray(losses, dtype=np.float64),
         "buffer_class_counts": np.bincount(buffer.y, minlength=cfg.n_classes),
         "buffer_chunk_counts": np.bincount(buffer.provenance["chunk"]) if len(buffer) else np.zeros(0, np.int64),
+        "buffer_file_counts": np.bincount(buffer.provenance["file"]) if len(buffer) else np.zeros(0, np.int64),
         "chunk_class_counts": np.zeros(cfg.n_classes, np.int64)
         if chunk is None
         else np.bincount(chunk.y, minlength=cfg.n_classes),

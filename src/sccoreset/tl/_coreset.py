@@ -79,6 +79,7 @@ def history_from_events(events: list[dict[str, Any]], n_classes: int) -> dict[st
     """Per-step arrays from the event stream (the final consolidation step is stored separately)."""
     steps = [e for e in events if e["step"] != "final"]
     n_chunks = max((len(e["buffer_chunk_counts"]) for e in events), default=0)
+    n_files = max((len(e["buffer_file_counts"]) for e in events), default=0)
     hist: dict[str, Any] = {
         "step": np.array([e["step"] for e in steps], dtype=np.int64),
         "chunk": np.array([e["chunk"] for e in steps], dtype=np.int64),
@@ -93,6 +94,10 @@ def history_from_events(events: list[dict[str, Any]], n_classes: int) -> dict[st
             [np.pad(e["buffer_chunk_counts"], (0, n_chunks - len(e["buffer_chunk_counts"]))) for e in steps],
             dtype=np.int64,
         ).reshape(-1, n_chunks),
+        "buffer_file_counts": np.array(
+            [np.pad(e["buffer_file_counts"], (0, n_files - len(e["buffer_file_counts"]))) for e in steps],
+            dtype=np.int64,
+        ).reshape(-1, n_files),
     }
     for key in ("wait_seconds", "train_seconds", "select_seconds", "eval_seconds"):
         hist[key] = np.array([e[key] for e in steps], dtype=np.float64)

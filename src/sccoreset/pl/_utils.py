@@ -1,0 +1,54 @@
+"""Shared plumbing of the plots: axes, saving, showing, palettes, reading the history."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+from anndata import AnnData
+from matplotlib.axes import Axes
+
+from .._errors import InputError
+
+
+def record(coreset: AnnData) -> dict[str, Any]:
+    if "sccoreset" not in coreset.uns:
+        raise InputError("coreset: no uns['sccoreset']; pass the AnnData returned by sccoreset.tl.stream_train.")
+    return coreset.uns["sccoreset"]
+
+
+def class_colors(coreset: AnnData, classes: Sequence[str]) -> list:
+    """Colours from ``uns[f"{label_key}_colors"]`` when present (scanpy convention), else tab20."""
+    key = str(record(coreset).get("label_key", ""))
+    stored = coreset.uns.get(f"{key}_colors")
+    if stored is not None and len(stored) >= len(classes):
+        return list(stored)[: len(classes)]
+    cmap = plt.get_cmap("tab20")
+    return [cmap(i % 20) for i in range(len(classes))]
+
+
+def new_axes(ax: Axes | None, figsize=(6, 4)) -> Axes:
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize)
+    return ax
+
+
+def finish(ax: Axes, *, show: bool | None, save: str | None, return_fig: bool):
+    """scanpy-style ending: save if asked, show only when ``show`` is True, return Axes or Figure."""
+    fig = ax.figure
+    if save:
+        fig.savefig(save, bbox_inches="tight")
+    if show:
+        plt.show()
+    if return_fig:
+        return fig
+    return None if show else ax
+
+
+def history_array(rec: dict[str, Any], key: str) -> np.ndarray:
+    hist = rec["history"]
+    if key not in hist:
+        raise InputError(f"coreset: the history has no {key!r} (was stream_train given eval_data?).")
+    return np.asarray(hist[key])
