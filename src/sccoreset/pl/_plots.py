@@ -72,7 +72,7 @@ def chunk_distribution(
         ax.set_yticks(range(table.shape[0]), [str(i) for i in table.index])
         ax.set_xlabel(label_key)
         ax.set_ylabel(by)
-        ax.set_title(f"final coreset: {by} × class")
+        ax.set_title(f"final coreset: {by} x class")
         ax.figure.colorbar(im, ax=ax, label="cells")
     else:
         raise InputError(f"kind must be 'history' or 'final', got {kind!r}.")
