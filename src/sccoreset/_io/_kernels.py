@@ -11,6 +11,19 @@ import numba
 import numpy as np
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _row_sum(data, lo, hi):
+    """Sum of a row's values (float32) and 1 if any is negative or non-finite."""
+    s = np.float32(0.0)
+    flag = 0
+    for j in range(lo, hi):
+        v = data[j]
+        if not (v >= 0.0) or v == np.inf:
+            flag = 1
+        s += v
+    return s, flag
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def csr_transform(data, indices, indptr, col_map, mean, inv_std, fill, target_sum, max_value, out, bad):
     """normalize_total -> log1p -> map columns -> (x - mean) * inv_std -> clip, into dense ``out``.
@@ -22,13 +35,7 @@ def csr_transform(data, indices, indptr, col_map, mean, inv_std, fill, target_su
     for i in numba.prange(n):
         lo = indptr[i]
         hi = indptr[i + 1]
-        s = np.float32(0.0)
-        flag = 0
-        for j in range(lo, hi):
-            v = data[j]
-            if not (v >= 0.0) or v == np.inf:
-                flag = 1
-            s += v
+        s, flag = _row_sum(data, lo, hi)
         bad[i] = flag
         scale = np.float32(target_sum / s) if s > 0 else np.float32(0.0)
         out[i, :] = fill
@@ -55,13 +62,7 @@ def csr_accumulate(data, indices, indptr, col_map, target_sum, sums, bad):
         for i in range(p * step, min(n, (p + 1) * step)):
             lo = indptr[i]
             hi = indptr[i + 1]
-            s = np.float32(0.0)
-            flag = 0
-            for j in range(lo, hi):
-                v = data[j]
-                if not (v >= 0.0) or v == np.inf:
-                    flag = 1
-                s += v
+            s, flag = _row_sum(data, lo, hi)
             bad[i] = flag
             if flag or s <= 0:
                 continue
