@@ -81,8 +81,12 @@ def main():
 
     t0 = time.perf_counter()
     stream = scc.datasets.synthetic_stream(
-        DATA / "io", n_files=args.n_files, cells_per_file=args.cells_per_file, n_genes=20_000, holdout_per_type=10,
-        library_size=3000.0
+        DATA / "io",
+        n_files=args.n_files,
+        cells_per_file=args.cells_per_file,
+        n_genes=20_000,
+        holdout_per_type=10,
+        library_size=3000.0,
     )
     files = [str(f) for f in stream.files]
     print(
