@@ -137,3 +137,10 @@ def test_custom_model_and_errors(small_stream, small_gene_space):
         call(eval_data=hold)
     with pytest.raises(InputError, match="none of its"):
         call(eval_data=ad.AnnData(hold.X, obs=hold.obs, var=hold.var.set_index(hold.var_names + "_x")))
+
+
+def test_fits_the_gene_space_when_none_is_given(small_stream):
+    cs = scc.tl.stream_train(small_stream.files, "cell_type", n_top_genes=80, **KW)
+    expected = scc.pp.fit_gene_space(small_stream.files, n_top_genes=80)
+    assert list(cs.var_names) == list(expected.genes)
+    np.testing.assert_allclose(cs.var["mean"], expected.mean)

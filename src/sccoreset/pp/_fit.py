@@ -125,24 +125,42 @@ def fit_gene_space(
     check_positive(n_top_genes=n_top_genes, target_sum=target_sum, max_value=max_value, max_cells=max_cells)
     sources = as_sources(files, mod=mod)
     try:
-        union = gene_union(sources)
-        if gene_list is not None:
-            wanted = pd.Index([str(g) for g in gene_list])
-            if wanted.has_duplicates:
-                raise InputError(f"gene_list: duplicate genes, e.g. {wanted[wanted.duplicated()][:5].tolist()}.")
-            missing = wanted.difference(union)
-            if len(missing) == len(wanted):
-                raise InputError("gene_list: none of its genes is in any of the files.")
-            if len(missing):
-                logger.warning(f"gene_list: {len(missing)} genes are in no file and will be constant zeros.")
-            genes = wanted
-        else:
-            genes = union
-        sums, n_cells = accumulate_statistics(
-            sources, genes, target_sum=target_sum, max_cells=max_cells, random_state=random_state, progress=progress
-        )
+        return fit_sources(
+            sources, n_top_genes=n_top_genes, gene_list=gene_list, target_sum=target_sum, max_value=max_value,
+            max_cells=max_cells, random_state=random_state, progress=progress,
+        )  # fmt: skip
     finally:
         close_all(sources)
+
+
+def fit_sources(
+    sources: Sequence[Source],
+    *,
+    n_top_genes: int = 2000,
+    gene_list: Sequence[str] | None = None,
+    target_sum: float = 1e4,
+    max_value: float = 10.0,
+    max_cells: int | None = None,
+    random_state: RandomState = 0,
+    progress: bool = False,
+) -> GeneSpace:
+    """:func:`fit_gene_space` on already opened sources (the caller closes them)."""
+    union = gene_union(sources)
+    if gene_list is not None:
+        wanted = pd.Index([str(g) for g in gene_list])
+        if wanted.has_duplicates:
+            raise InputError(f"gene_list: duplicate genes, e.g. {wanted[wanted.duplicated()][:5].tolist()}.")
+        missing = wanted.difference(union)
+        if len(missing) == len(wanted):
+            raise InputError("gene_list: none of its genes is in any of the files.")
+        if len(missing):
+            logger.warning(f"gene_list: {len(missing)} genes are in no file and will be constant zeros.")
+        genes = wanted
+    else:
+        genes = union
+    sums, n_cells = accumulate_statistics(
+        sources, genes, target_sum=target_sum, max_cells=max_cells, random_state=random_state, progress=progress
+    )
     if gene_list is None:
         disp = seurat_dispersions(sums[0], sums[1], n_cells)["dispersions_norm"].to_numpy()
         keep = top_genes(disp, n_top_genes)

@@ -19,7 +19,7 @@ from .._io._sources import as_sources, close_all
 from .._utils import RandomState, as_rng, check_positive, logger
 from ..pp._chunk_plan import ORDERS, plan_chunks
 from ..pp._chunks import ChunkReader
-from ..pp._fit import fit_gene_space
+from ..pp._fit import fit_sources
 from ..pp._gene_space import GeneSpace
 from ..pp._scan import scan_sources
 from ._coreset import build_coreset
@@ -209,7 +209,7 @@ def stream_train(
                 f"times min_per_class ({min_per_class})."
             )
         if gene_space is None:
-            gene_space = fit_gene_space(files, n_top_genes=n_top_genes, mod=mod, progress=progress)
+            gene_space = fit_sources(sources, n_top_genes=n_top_genes, progress=progress)
         reader = ChunkReader(sources, gene_space, label_key)
         for f in range(len(sources)):
             reader.col_map(f)  # gene alignment errors before any training
