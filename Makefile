@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --durations=10 tests -p no:cacheprovider
+	$(PY) -m pytest -n 2 --durations=10 --nbmake --nbmake-timeout=600 tests notebooks -p no:cacheprovider
 
 demo: $(STAMP)
 	$(PY) -m sccoreset.demo --out demo_output
@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_io.py
 
 docs: $(STAMP)
+	rm -rf docs/generated
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 lint: $(STAMP)

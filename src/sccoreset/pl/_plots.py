@@ -68,6 +68,7 @@ def chunk_distribution(
         table = table.reindex(columns=classes, fill_value=0)
         table = table.loc[table.sum(1) > 0]
         im = ax.imshow(table.to_numpy(), aspect="auto", cmap="Blues")
+        ax.grid(False)
         ax.set_xticks(range(len(classes)), classes, rotation=90)
         ax.set_yticks(range(table.shape[0]), [str(i) for i in table.index])
         ax.set_xlabel(label_key)
