@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,19 +157,33 @@ def run(
     *,
     eval_set: tuple[np.ndarray, np.ndarray] | None = None,
     rng: np.random.Generator,
+    resume: dict[str, Any] | None = None,
+    on_step: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The streaming-coreset loop. Yields one event (a plain dict) per step, then a ``"final"`` one.
 
-    The last event carries the final buffer under ``"buffer"``.
+    The last event carries the final buffer under ``"buffer"``. After every step, ``on_step`` gets the
+    loop state (see :func:`loop_state`) and the step's event; passing such a state as ``resume`` (with the model's weights
+    restored and ``chunks`` starting at ``state["step"]``) continues exactly where it was taken.
     """
-    torch.manual_seed(int(rng.integers(2**62)))
-    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     model.to(cfg.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    seen_counts = np.zeros(cfg.n_classes, dtype=np.int64)
-    buffer: Buffer | None = None
+    generator = torch.Generator()
+    if resume is None:
+        torch.manual_seed(int(rng.integers(2**62)))
+        generator.manual_seed(int(rng.integers(2**62)))
+        seen_counts = np.zeros(cfg.n_classes, dtype=np.int64)
+        buffer: Buffer | None = None
+        step = 0
+    else:
+        optimizer.load_state_dict(resume["optimizer"])
+        generator.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        rng.bit_generator.state = resume["rng"]
+        seen_counts = resume["seen_counts"].copy()
+        buffer = resume["buffer"]
+        step = int(resume["step"])
     it = iter(chunks)
-    step = 0
     while True:
         t0 = time.perf_counter()
         chunk = next(it, None)
@@ -223,8 +237,10 @@ def run(
         event = _event(step, chunk, buffer, cfg, losses, eval_set, model)
         event.update(wait_seconds=wait, train_seconds=t2 - t1, select_seconds=t3 - t2,
                      eval_seconds=time.perf_counter() - t3)  # fmt: skip
-        yield event
         step += 1
+        if on_step is not None:
+            on_step(loop_state(step, buffer, seen_counts, optimizer, generator, rng), event)
+        yield event
     if buffer is None:
         return
     t0 = time.perf_counter()
@@ -239,6 +255,19 @@ def run(
     event.update(wait_seconds=0.0, train_seconds=time.perf_counter() - t0, select_seconds=0.0, eval_seconds=0.0)
     event["buffer"] = buffer
     yield event
+
+
+def loop_state(step, buffer, seen_counts, optimizer, generator, rng) -> dict[str, Any]:
+    """Everything but the model's weights needed to continue the loop at chunk ``step``."""
+    return {
+        "step": step,
+        "buffer": buffer,
+        "seen_counts": seen_counts.copy(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "rng": rng.bit_generator.state,
+    }
 
 
 def _event(step, chunk, buffer, cfg, losses, eval_set, model) -> dict[str, Any]:

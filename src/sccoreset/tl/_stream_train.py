@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,7 @@ from ..pp._chunks import ChunkReader
 from ..pp._fit import fit_sources
 from ..pp._gene_space import GeneSpace
 from ..pp._scan import scan_sources
+from ._checkpoint import check_same_run, comparable_params, files_fingerprint, read_checkpoint, write_checkpoint
 from ._coreset import build_coreset
 from ._device import resolve_device
 
@@ -76,6 +79,9 @@ def stream_train(
     device: str | torch.device | None = None,
     random_state: RandomState = 0,
     mod: str | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
     progress: bool = True,
 ) -> AnnData:
     """Train a classifier on a stream of files in bounded memory and return the coreset as AnnData.
@@ -159,6 +165,17 @@ def stream_train(
         Seed of everything: chunk order, shuffling, selection and model initialisation.
     mod
         Modality to read from MuData inputs.
+    checkpoint_dir
+        Write the whole loop state (model, optimizer, buffer with provenance and scores, history,
+        every random generator, stream position, gene space, parameters) to this folder every
+        ``checkpoint_every`` steps, atomically (temporary file, fsync, rename).
+    checkpoint_every
+        Steps between checkpoints (the last step is always written).
+    resume
+        Continue from the checkpoint in ``checkpoint_dir`` if there is one (else start afresh). The
+        resumed run gives exactly the coreset and history of an uninterrupted run on CPU. Resuming
+        with other parameters or files is refused, naming what differs; ``progress``, ``prefetch``,
+        ``device`` and the checkpoint options may change.
     progress
         Show a progress bar over the steps.
 
@@ -191,6 +208,9 @@ def stream_train(
         raise InputError(f"order must be one of {ORDERS}, got {order!r}.")
     if max_chunk_fraction is not None and not 0 < max_chunk_fraction <= 1:
         raise InputError(f"max_chunk_fraction must be in (0, 1], got {max_chunk_fraction}.")
+    if resume and checkpoint_dir is None:
+        raise InputError("resume=True needs checkpoint_dir.")
+    check_positive(checkpoint_every=checkpoint_every)
     if not 0 <= drop_hard < 1:
         raise InputError(f"drop_hard must be in [0, 1), got {drop_hard}.")
     dev = resolve_device(device)
@@ -208,6 +228,17 @@ def stream_train(
                 f"buffer_size ({buffer_size}) is smaller than the number of classes ({len(class_list)}) "
                 f"times min_per_class ({min_per_class})."
             )
+        fingerprint = files_fingerprint(sources)
+        saved = read_checkpoint(checkpoint_dir) if resume else None
+        if saved is not None:
+            check_same_run(saved, params, fingerprint, Path(checkpoint_dir))
+            if list(saved["classes"]) != class_list:
+                raise InputError(f"resume: the checkpoint's classes {list(saved['classes'])} differ from {class_list}.")
+            stored_space = GeneSpace.from_dict(saved["gene_space"])
+            if gene_space is not None and list(gene_space.genes) != list(stored_space.genes):
+                raise InputError("resume: gene_space differs from the one the checkpoint was made with.")
+            gene_space = stored_space
+            logger.info(f"resuming from {checkpoint_dir} at step {saved['engine']['step']}")
         if gene_space is None:
             gene_space = fit_sources(sources, n_top_genes=n_top_genes, progress=progress)
         reader = ChunkReader(sources, gene_space, label_key)
@@ -222,10 +253,17 @@ def stream_train(
             spec = None
             _check_model(model, gene_space.n_genes, len(class_list))
         plan = plan_chunks(info.n_obs, chunk_size, order=order, block_size=block_size, rng=rng)
+        start = 0
+        events: list[dict[str, Any]] = []
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            plan = saved["plan"]
+            start = int(saved["engine"]["step"])
+            events = list(saved["events"])
         lookup = {c: i for i, c in enumerate(class_list)}
 
         def engine_chunks() -> Iterator[ChunkData]:
-            for chunk in reader.iterate(plan, prefetch=prefetch):
+            for chunk in reader.iterate(plan, start=start, prefetch=prefetch):
                 y = np.fromiter((lookup[v] for v in chunk.labels), dtype=np.int64, count=len(chunk))
                 prov = {"file": chunk.file_index.astype(np.int64), "row": chunk.row, "obs_name": chunk.obs_names}
                 yield ChunkData(chunk.index, chunk.X, y, prov)
@@ -237,9 +275,25 @@ def stream_train(
             drop_hard=drop_hard, balance_loss=balance_loss, distill=distill, final_epochs=final_epochs,
             device=dev,
         )  # fmt: skip
-        events = []
-        bar = tqdm(total=len(plan), desc="stream_train", unit="chunk", disable=not progress)
-        for event in run(engine_chunks(), model, cfg, eval_set=eval_set, rng=rng):
+
+        def save(state: dict[str, Any], event: dict[str, Any]) -> None:
+            if state["step"] % checkpoint_every and state["step"] != len(plan):
+                return
+            write_checkpoint(
+                checkpoint_dir,
+                {
+                    "params": comparable_params(params), "files": fingerprint, "classes": class_list,
+                    "gene_space": gene_space.to_dict(), "plan": plan, "model": model.state_dict(),
+                    "engine": state, "events": [*events, event],
+                },
+            )  # fmt: skip
+
+        bar = tqdm(total=len(plan), initial=start, desc="stream_train", unit="chunk", disable=not progress)
+        engine = run(
+            engine_chunks(), model, cfg, eval_set=eval_set, rng=rng,
+            resume=None if saved is None else saved["engine"], on_step=save if checkpoint_dir is not None else None,
+        )  # fmt: skip
+        for event in engine:
             events.append(event)
             if event["step"] != "final":
                 bar.update(1)
