@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import mudata as md
 import numpy as np
 import pytest
@@ -147,3 +148,63 @@ def test_file_disappearing_mid_stream(tmp_path, good):
     second.unlink()
     with pytest.raises(InputError, match=r"second\.h5ad: file no longer exists"):
         next(it)
+
+
+def test_log_normalized_input_warns_naming_the_file(tmp_path, good):
+    import scanpy as sc
+
+    a, path = good
+    lognorm = a.copy()
+    sc.pp.normalize_total(lognorm)
+    sc.pp.log1p(lognorm)
+    lp = _write(tmp_path, lognorm, "lognorm.h5ad")
+    with pytest.warns(scc.NotRawCountsWarning, match=r"lognorm\.h5ad: X holds non-integer values"):
+        gs = scc.pp.fit_gene_space([lp], n_top_genes=10)
+    with pytest.warns(scc.NotRawCountsWarning, match=r"lognorm\.h5ad"):
+        next(scc.pp.iter_chunks([lp], gs))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", scc.NotRawCountsWarning)
+        scc.pp.fit_gene_space([path], n_top_genes=10)  # integer counts: no warning
+
+
+def _three_class_files(tmp_path, rng, n_files=3):
+    paths = []
+    for i in range(n_files):
+        a = random_counts(rng, 120, [f"g{j}" for j in range(40)])
+        a.obs_names = [f"f{i}_{n}" for n in a.obs_names]
+        paths.append(_write(tmp_path, a, f"part{i}.h5ad"))
+    return paths
+
+
+def test_stream_train_bad_inputs_before_training(tmp_path, rng):
+    paths = _three_class_files(tmp_path, rng)
+    kw = dict(chunk_size=100, buffer_size=20, epochs_per_step=1, n_top_genes=20, progress=False)
+    with pytest.raises(InputError, match=r"part0\.h5ad: obs has no column 'cell_type'"):
+        scc.tl.stream_train(paths, "cell_type", **kw)
+    with pytest.raises(InputError, match=r"part0\.h5ad: obs\['label'\] holds labels not in the given label set"):
+        scc.tl.stream_train(paths, "label", classes=["a", "b"], **kw)
+    with pytest.raises(InputError, match="chunk_size must be positive"):
+        scc.tl.stream_train(paths, "label", **{**kw, "chunk_size": -5})
+    with pytest.raises(InputError, match="max_chunk_fraction must be in"):
+        scc.tl.stream_train(paths, "label", max_chunk_fraction=1.5, **kw)
+
+
+def test_bad_values_mid_stream_write_nothing_half_way(tmp_path, rng):
+    paths = _three_class_files(tmp_path, rng)
+    kw = dict(chunk_size=100, buffer_size=20, epochs_per_step=1, progress=False)
+    gs = scc.pp.fit_gene_space(paths, n_top_genes=20)
+    bad = ad.read_h5ad(paths[2])
+    X = bad.X.toarray()
+    X[5, 0] = np.nan
+    bad.X = sp.csr_matrix(X)
+    bad.write_h5ad(paths[2])  # broken after the gene space was fitted: found when the stream reaches it
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(InputError, match=r"part2\.h5ad: X holds negative or non-finite.*row 5"):
+        scc.tl.stream_train(paths, "label", gene_space=gs, checkpoint_dir=ckpt, **kw)
+    from sccoreset.tl._checkpoint import read_checkpoint
+
+    saved = read_checkpoint(ckpt)  # the last complete step survives, nothing else was written
+    assert saved["engine"]["step"] == 2
+    assert sorted(p.name for p in ckpt.iterdir()) == ["sccoreset_checkpoint.pt"]

@@ -111,3 +111,38 @@ def test_early_close_stops_background_thread(small_stream, small_gene_space):
     next(it)
     it.close()
     assert not any(t.name == "sccoreset-prefetch" for t in threading.enumerate())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    splits=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    chunk_size=st.integers(1, 60),
+    order=st.sampled_from(["sequential", "block_shuffle"]),
+    block_size=st.integers(1, 16),
+    seed=st.integers(0, 1000),
+)
+def test_any_split_and_chunk_size_reads_every_row_once(splits, chunk_size, order, block_size, seed):
+    """Cells split over files in any way are read exactly once, each with its own features."""
+    from .conftest import random_counts
+
+    rng = np.random.default_rng(seed)
+    genes = [f"g{i}" for i in range(20)]
+    full = random_counts(rng, sum(splits), genes, density=0.4)
+    full.obs_names = [f"cell{i}" for i in range(full.n_obs)]
+    bounds = np.cumsum([0, *splits])
+    files = []
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        part = full[lo:hi].copy()
+        cols = rng.permutation(20)[: rng.integers(12, 21)]  # each file its own subset and order of genes
+        files.append(part[:, cols].copy())
+    gs = scc.pp.GeneSpace(genes=np.array(genes[:10]), mean=rng.random(10), std=rng.random(10) + 0.5)
+    seen = []
+    for chunk in scc.pp.iter_chunks(files, gs, chunk_size=chunk_size, order=order, block_size=block_size,
+                                    random_state=seed, prefetch=1):  # fmt: skip
+        assert 0 < len(chunk) <= chunk_size
+        for i in range(len(chunk)):
+            f, r = int(chunk.file_index[i]), int(chunk.row[i])
+            src = files[f]
+            np.testing.assert_array_equal(chunk.X[i], gs.transform(src.X[r : r + 1], src.var_names)[0])
+            seen.append(chunk.obs_names[i])
+    assert sorted(seen) == sorted(full.obs_names)

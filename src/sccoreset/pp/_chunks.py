@@ -12,6 +12,7 @@ from typing import Any
 import numba
 import numpy as np
 
+from .._io._checks import warn_if_not_counts
 from .._io._prefetch import prefetch as run_ahead
 from .._io._recycle import ArrayRecycler
 from .._io._sources import ReadBuffers, Source, as_sources, close_all
@@ -241,6 +242,7 @@ def iter_chunks(
     sources = as_sources(files, mod=mod)
     try:
         reader = ChunkReader(sources, gene_space, label_key)
+        warn_if_not_counts(sources)
         for f in range(len(sources)):  # alignment and label errors before the first chunk
             reader.col_map(f)
             if label_key is not None:

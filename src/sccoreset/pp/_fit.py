@@ -10,6 +10,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .._errors import InputError
+from .._io._checks import warn_if_not_counts
 from .._io._kernels import csr_accumulate
 from .._io._prefetch import prefetch
 from .._io._sources import CSRBlock, Source, as_sources, close_all
@@ -145,6 +146,7 @@ def fit_sources(
     progress: bool = False,
 ) -> GeneSpace:
     """:func:`fit_gene_space` on already opened sources (the caller closes them)."""
+    warn_if_not_counts(sources)
     union = gene_union(sources)
     if gene_list is not None:
         wanted = pd.Index([str(g) for g in gene_list])

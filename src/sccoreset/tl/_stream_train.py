@@ -17,6 +17,7 @@ from .._engine._loop import ChunkData, EngineConfig, run
 from .._engine._model import build_model, mlp_spec
 from .._engine._selection import CLASS_BUDGETS, RULES
 from .._errors import InputError
+from .._io._checks import warn_if_not_counts
 from .._io._sources import as_sources, close_all
 from .._utils import RandomState, as_rng, check_positive, logger
 from ..pp._chunk_plan import ORDERS, plan_chunks
@@ -241,6 +242,8 @@ def stream_train(
             logger.info(f"resuming from {checkpoint_dir} at step {saved['engine']['step']}")
         if gene_space is None:
             gene_space = fit_sources(sources, n_top_genes=n_top_genes, progress=progress)
+        else:
+            warn_if_not_counts(sources)
         reader = ChunkReader(sources, gene_space, label_key)
         for f in range(len(sources)):
             reader.col_map(f)  # gene alignment errors before any training

@@ -1,0 +1,43 @@
+"""Cheap up-front checks of the counts in each input."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+from ._sources import Source
+
+PEEK_ROWS = 200
+
+
+class NotRawCountsWarning(UserWarning):
+    """The data look log-normalized or scaled, while sccoreset expects raw counts."""
+
+
+def non_integer_example(data: np.ndarray) -> float | None:
+    """A stored value that is not a whole number, or None when all are."""
+    frac = data[np.abs(data - np.rint(data)) > 1e-3]
+    return float(frac[0]) if frac.size else None
+
+
+def warn_if_not_counts(sources: Sequence[Source]) -> None:
+    """Warn, naming the file, when the first rows of an input hold non-integer values.
+
+    Normalized or log-transformed input would be normalized and log-transformed a second time; the
+    features would still be consistent across chunks, but not what the user expects. A warning, not
+    an error: some pipelines store corrected counts (e.g. ambient-RNA removal) that are not integers.
+    """
+    for src in sources:
+        block = src.read_rows(0, min(PEEK_ROWS, src.n_obs))
+        src.close()  # reopened when the stream reaches it: long streams keep few files open
+        example = non_integer_example(block.data)
+        if example is not None:
+            warnings.warn(
+                f"{src.name}: X holds non-integer values (e.g. {example:.4g} in its first {PEEK_ROWS} rows); "
+                "raw counts are expected, and log-normalized data would be normalized and log-transformed again. "
+                "Pass the raw counts (for an AnnData in memory, e.g. adata.layers['counts']).",
+                NotRawCountsWarning,
+                stacklevel=3,
+            )
