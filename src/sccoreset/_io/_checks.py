@@ -18,7 +18,8 @@ class NotRawCountsWarning(UserWarning):
 
 def non_integer_example(data: np.ndarray) -> float | None:
     """A stored value that is not a whole number, or None when all are."""
-    frac = data[np.abs(data - np.rint(data)) > 1e-3]
+    finite = data[np.isfinite(data)]  # non-finite values are reported by the transform, naming the row
+    frac = finite[np.abs(finite - np.rint(finite)) > 1e-3]
     return float(frac[0]) if frac.size else None
 
 
