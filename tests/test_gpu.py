@@ -1,0 +1,30 @@
+"""CUDA: training on the GPU, and what is reproducible there. Skipped without CUDA (CI has none)."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+import sccoreset as scc
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+KW = dict(chunk_size=250, buffer_size=60, epochs_per_step=2, hidden=(32,), final_epochs=2, progress=False)
+
+
+def test_cuda_run_predicts_and_same_seed_gives_same_coreset(small_stream, small_gene_space):
+    runs = [
+        scc.tl.stream_train(small_stream.files, "cell_type", gene_space=small_gene_space, device="cuda",
+                            eval_data=small_stream.holdout, random_state=1, **KW)  # fmt: skip
+        for _ in range(2)
+    ]
+    a, b = runs
+    assert a.uns["sccoreset"]["params"]["device"] == "cuda"
+    assert list(a.obs_names) == list(b.obs_names)
+    np.testing.assert_array_equal(a.uns["sccoreset"]["history"]["train_loss"], b.uns["sccoreset"]["history"]["train_loss"])
+    hold = ad.read_h5ad(small_stream.holdout)
+    scc.tl.predict(hold, a)  # the stored weights are on the CPU: prediction needs no GPU
+    acc = (hold.obs["sccoreset_prediction"].astype(str) == hold.obs["cell_type"].astype(str)).mean()
+    assert acc == pytest.approx(a.uns["sccoreset"]["history"]["final"]["accuracy"])
