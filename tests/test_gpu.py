@@ -27,4 +27,5 @@ def test_cuda_run_predicts_and_same_seed_gives_same_coreset(small_stream, small_
     hold = ad.read_h5ad(small_stream.holdout)
     scc.tl.predict(hold, a)  # the stored weights are on the CPU: prediction needs no GPU
     acc = (hold.obs["sccoreset_prediction"].astype(str) == hold.obs["cell_type"].astype(str)).mean()
-    assert acc == pytest.approx(a.uns["sccoreset"]["history"]["final"]["accuracy"])
+    # eval ran on the GPU, predict on the CPU: float differences may flip a borderline cell or two
+    assert acc == pytest.approx(a.uns["sccoreset"]["history"]["final"]["accuracy"], abs=2 / hold.n_obs)
