@@ -8,8 +8,14 @@ import pytest
 import scipy.sparse as sp
 
 import sccoreset as scc
+from sccoreset._utils import h5ad_safe_strings
 
 matplotlib.use("Agg")
+
+if int(pd.__version__.split(".")[0]) >= 3:
+    # data built by the tests themselves (plain lists as names) must write under pandas 3's string dtype;
+    # what sccoreset itself writes is checked without this in test_stream_train.py
+    ad.settings.allow_write_nullable_strings = True
 
 
 def random_counts(rng: np.random.Generator, n_obs: int, genes: list[str], *, density: float = 0.2) -> ad.AnnData:
@@ -20,7 +26,7 @@ def random_counts(rng: np.random.Generator, n_obs: int, genes: list[str], *, den
     obs = pd.DataFrame(
         {"label": pd.Categorical(labels), "score": rng.random(n_obs)}, index=[f"c{i}" for i in range(n_obs)]
     )
-    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes))
+    return ad.AnnData(X=X, obs=h5ad_safe_strings(obs), var=h5ad_safe_strings(pd.DataFrame(index=genes)))
 
 
 @pytest.fixture(scope="session")

@@ -16,14 +16,23 @@ KW = dict(chunk_size=250, buffer_size=60, epochs_per_step=2, hidden=(32,), final
 
 def test_cuda_run_predicts_and_same_seed_gives_same_coreset(small_stream, small_gene_space):
     runs = [
-        scc.tl.stream_train(small_stream.files, "cell_type", gene_space=small_gene_space, device="cuda",
-                            eval_data=small_stream.holdout, random_state=1, **KW)  # fmt: skip
+        scc.tl.stream_train(
+            small_stream.files,
+            "cell_type",
+            gene_space=small_gene_space,
+            device="cuda",
+            eval_data=small_stream.holdout,
+            random_state=1,
+            **KW,
+        )
         for _ in range(2)
     ]
     a, b = runs
     assert a.uns["sccoreset"]["params"]["device"] == "cuda"
     assert list(a.obs_names) == list(b.obs_names)
-    np.testing.assert_array_equal(a.uns["sccoreset"]["history"]["train_loss"], b.uns["sccoreset"]["history"]["train_loss"])
+    np.testing.assert_array_equal(
+        a.uns["sccoreset"]["history"]["train_loss"], b.uns["sccoreset"]["history"]["train_loss"]
+    )
     hold = ad.read_h5ad(small_stream.holdout)
     scc.tl.predict(hold, a)  # the stored weights are on the CPU: prediction needs no GPU
     acc = (hold.obs["sccoreset_prediction"].astype(str) == hold.obs["cell_type"].astype(str)).mean()

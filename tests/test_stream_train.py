@@ -144,3 +144,15 @@ def test_fits_the_gene_space_when_none_is_given(small_stream):
     expected = scc.pp.fit_gene_space(small_stream.files, n_top_genes=80)
     assert list(cs.var_names) == list(expected.genes)
     np.testing.assert_allclose(cs.var["mean"], expected.mean)
+
+
+def test_coreset_writes_under_pandas_string_inference(tmp_path):
+    """pandas 3 infers a string dtype that anndata refuses to write by default: the coreset must still write."""
+    import pandas as pd
+
+    with pd.option_context("future.infer_string", True), ad.settings.override(allow_write_nullable_strings=False):
+        d = tmp_path / "stream"
+        stream = scc.datasets.synthetic_stream(d, n_files=2, cells_per_file=300, n_genes=300, holdout_per_type=5)
+        cs = scc.tl.stream_train(stream.files, "cell_type", **{**KW, "n_top_genes": 50})
+        cs.write_h5ad(tmp_path / "cs.h5ad")
+        assert list(ad.read_h5ad(tmp_path / "cs.h5ad").obs_names) == list(cs.obs_names)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pandas as pd
 
 from ._errors import InputError
 
@@ -25,3 +26,21 @@ def check_positive(**params: float | None) -> None:
     for name, value in params.items():
         if value is not None and not (isinstance(value, int | float | np.integer | np.floating) and value > 0):
             raise InputError(f"{name} must be positive, got {value!r}.")
+
+
+def h5ad_safe_strings(df: pd.DataFrame) -> pd.DataFrame:
+    """Index, string columns and categories as object dtype, which every anndata version writes.
+
+    pandas 3 infers a string dtype that anndata (< 0.13) refuses to write unless a global setting is
+    changed; the coreset and generated files must write anywhere.
+    """
+    df = df.copy()
+    df.index = pd.Index(np.asarray(df.index, dtype=object), dtype=object, name=df.index.name)
+    for col in df.columns:
+        s = df[col]
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            if s.cat.categories.dtype != object and s.cat.categories.dtype.kind not in "biuf":
+                df[col] = s.cat.rename_categories(pd.Index(np.asarray(s.cat.categories, dtype=object), dtype=object))
+        elif pd.api.types.is_string_dtype(s.dtype) and s.dtype != object:
+            df[col] = s.astype(object)
+    return df

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._utils import h5ad_safe_strings
+
 _LINEAGES = ["T", "B", "Myeloid", "NK", "Stromal", "Epithelial", "Endothelial", "Erythroid"]
 
 
@@ -248,7 +250,8 @@ def synthetic_stream(
         if drop_genes:
             keep = rng.random(n_genes) >= missing_gene_fraction
             var_idx = rng.permutation(np.flatnonzero(keep))
-        adata = ad.AnnData(X=X[:, var_idx], obs=obs, var=pd.DataFrame(index=genes[var_idx]))
+        var = pd.DataFrame(index=genes[var_idx])
+        adata = ad.AnnData(X=X[:, var_idx], obs=h5ad_safe_strings(obs), var=h5ad_safe_strings(var))
         adata.write_h5ad(path)
 
     files = []

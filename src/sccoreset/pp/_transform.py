@@ -6,6 +6,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._errors import InputError
+from .._utils import h5ad_safe_strings
 from ._gene_space import GeneSpace
 
 
@@ -33,4 +34,4 @@ def transform(adata: AnnData, gene_space: GeneSpace, *, layer: str | None = None
     var = pd.DataFrame(
         {"mean": gene_space.mean, "std": gene_space.std}, index=pd.Index(gene_space.genes.astype(str), name=None)
     )
-    return AnnData(X=X, obs=adata.obs.copy(), var=var)
+    return AnnData(X=X, obs=adata.obs.copy(), var=h5ad_safe_strings(var))

@@ -14,6 +14,7 @@ from anndata import AnnData
 from .._engine._loop import Buffer
 from .._engine._model import model_record
 from .._io._sources import Source
+from .._utils import h5ad_safe_strings
 from ..pp._gene_space import GeneSpace
 
 SCORE_COLUMNS = ("aum", "confidence", "variability", "forgetting", "loss")
@@ -141,7 +142,12 @@ def build_coreset(
     obs = _obs(sources, buffer, classes, label_key)
     counts = _counts_on_genes(sources, buffer, gene_space)
     var = pd.DataFrame({"mean": gene_space.mean, "std": gene_space.std}, index=pd.Index(gene_space.genes.astype(str)))
-    adata = AnnData(X=np.ascontiguousarray(buffer.X), obs=obs, var=var, layers={"counts": counts})
+    adata = AnnData(
+        X=np.ascontiguousarray(buffer.X),
+        obs=h5ad_safe_strings(obs),
+        var=h5ad_safe_strings(var),
+        layers={"counts": counts},
+    )
     adata.uns["sccoreset"] = {
         "params": _storable(params),
         "label_key": label_key,
