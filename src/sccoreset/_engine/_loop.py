@@ -179,6 +179,8 @@ def run(
         optimizer.load_state_dict(resume["optimizer"])
         generator.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
+        if resume.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])  # dropout on the GPU draws from these
         rng.bit_generator.state = resume["rng"]
         seen_counts = resume["seen_counts"].copy()
         buffer = resume["buffer"]
@@ -266,6 +268,7 @@ def loop_state(step, buffer, seen_counts, optimizer, generator, rng) -> dict[str
         "optimizer": optimizer.state_dict(),
         "generator": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "rng": rng.bit_generator.state,
     }
 
