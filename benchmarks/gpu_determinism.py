@@ -1,6 +1,6 @@
 """What is reproducible on a GPU: two CUDA runs with one seed, and a CUDA run against a CPU run.
 
-    python benchmarks/gpu_determinism.py
+python benchmarks/gpu_determinism.py
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ def main():
         lb = rb.uns["sccoreset"]["history"]["train_loss"]
         wa, wb = ra.uns["sccoreset"]["model"]["weights"], rb.uns["sccoreset"]["model"]["weights"]
         wdiff = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
-        print(f"{a} vs {b}: identical coreset {same_cells}, cell overlap {overlap:.3f}, "
-              f"max |loss diff| {np.abs(la - lb).max():.2e}, max |weight diff| {wdiff:.2e}")
+        print(
+            f"{a} vs {b}: identical coreset {same_cells}, cell overlap {overlap:.3f}, "
+            f"max |loss diff| {np.abs(la - lb).max():.2e}, max |weight diff| {wdiff:.2e}"
+        )
 
     compare("cuda #1", "cuda #2")
     compare("cuda #1", "cpu")

@@ -20,6 +20,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._errors import InputError
+from ._direct import DirectDataset
 
 try:  # optional at import time: mudata is a dependency, but keep the reader importable without it
     from mudata import MuData
@@ -79,6 +80,8 @@ class Source:
     mod: str | None = None
     adata: AnnData | None = None
     _handle: h5py.File | None = field(default=None, repr=False)
+    _fd: int | None = field(default=None, repr=False)
+    _direct: dict | None = field(default=None, repr=False)
 
     # -- layout -----------------------------------------------------------------------------
     @property
@@ -99,6 +102,19 @@ class Source:
         if self._handle is not None and self._handle.id.valid:
             self._handle.close()
         self._handle = None
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = None
+        self._direct = None
+
+    def _direct_readers(self, x: h5py.Group) -> tuple[DirectDataset, DirectDataset] | None:
+        """GIL-free readers of X/data and X/indices, when they are stored without filters."""
+        if self._direct is None:
+            data, indices = DirectDataset(x["data"]), DirectDataset(x["indices"])
+            self._direct = {"readers": (data, indices) if data.usable and indices.usable else None}
+            if self._direct["readers"] is not None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+        return self._direct["readers"]
 
     # -- obs --------------------------------------------------------------------------------
     def obs_columns(self) -> list[str]:
@@ -162,7 +178,11 @@ class Source:
                 indices = x["indices"][lo:hi]
             else:
                 data, indices = buffers.take(hi - lo, x["data"].dtype, x["indices"].dtype)
-                if hi > lo:
+                direct = self._direct_readers(x)
+                if direct is not None:  # positioned reads release the GIL
+                    direct[0].read_into(self._fd, lo, hi, data)
+                    direct[1].read_into(self._fd, lo, hi, indices)
+                elif hi > lo:
                     x["data"].read_direct(data, np.s_[lo:hi])
                     x["indices"].read_direct(indices, np.s_[lo:hi])
         except InputError:
