@@ -25,6 +25,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_io.py
+	$(PY) benchmarks/bench_accuracy.py
+	$(PY) benchmarks/bench_stream.py
 
 docs: $(STAMP)
 	rm -rf docs/generated
