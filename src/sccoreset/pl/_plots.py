@@ -13,7 +13,21 @@ from matplotlib.axes import Axes
 from .._errors import InputError
 from ._utils import class_colors, finish, history_array, new_axes, record
 
+_PLOT_ARGS = """ax, show, save, return_fig
+        As in scanpy: draw into ``ax``, show the figure, save it to a path, return the Figure.
 
+    Returns
+    -------
+    The Axes (or the Figure with ``return_fig=True``; None when shown)."""
+
+
+def _plot_doc(func):
+    """Fill the parameters every plot shares into the docstring."""
+    func.__doc__ = func.__doc__.replace("{plot_args}", _PLOT_ARGS)
+    return func
+
+
+@_plot_doc
 def chunk_distribution(
     coreset: AnnData,
     *,
@@ -37,12 +51,7 @@ def chunk_distribution(
         Group cells by the chunk or the file they came from.
     kind
         ``"history"`` or ``"final"``.
-    ax, show, save, return_fig
-        As in scanpy: draw into ``ax``, show the figure, save it to a path, return the Figure.
-
-    Returns
-    -------
-    The Axes (or the Figure with ``return_fig=True``; None when shown).
+    {plot_args}
     """
     rec = record(coreset)
     if by not in ("chunk", "file"):
@@ -80,6 +89,7 @@ def chunk_distribution(
     return finish(ax, show=show, save=save, return_fig=return_fig)
 
 
+@_plot_doc
 def f1_trajectories(
     coreset: AnnData,
     *,
@@ -100,12 +110,7 @@ def f1_trajectories(
         AnnData returned by :func:`~sccoreset.tl.stream_train` with ``eval_data``.
     classes
         Classes to draw (default all).
-    ax, show, save, return_fig
-        As in scanpy.
-
-    Returns
-    -------
-    The Axes (or the Figure with ``return_fig=True``; None when shown).
+    {plot_args}
     """
     rec = record(coreset)
     f1 = history_array(rec, "f1")
@@ -136,6 +141,7 @@ def f1_trajectories(
     return finish(ax, show=show, save=save, return_fig=return_fig)
 
 
+@_plot_doc
 def training_dynamics(
     coreset: AnnData,
     *,
@@ -155,12 +161,7 @@ def training_dynamics(
         AnnData returned by :func:`~sccoreset.tl.stream_train`.
     color
         Colour by class (palette from ``uns[f"{label_key}_colors"]`` if present) or by forgetting events.
-    ax, show, save, return_fig
-        As in scanpy.
-
-    Returns
-    -------
-    The Axes (or the Figure with ``return_fig=True``; None when shown).
+    {plot_args}
     """
     rec = record(coreset)
     obs = coreset.obs
@@ -187,6 +188,7 @@ def training_dynamics(
     return finish(ax, show=show, save=save, return_fig=return_fig)
 
 
+@_plot_doc
 def loss(
     coreset: AnnData,
     *,
@@ -201,12 +203,7 @@ def loss(
     ----------
     coreset
         AnnData returned by :func:`~sccoreset.tl.stream_train`.
-    ax, show, save, return_fig
-        As in scanpy.
-
-    Returns
-    -------
-    The Axes (or the Figure with ``return_fig=True``; None when shown).
+    {plot_args}
     """
     rec = record(coreset)
     epochs = history_array(rec, "epoch_losses")
