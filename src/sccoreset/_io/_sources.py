@@ -252,12 +252,23 @@ class _SharedIndexes:
             self._by_digest[digest] = pd.Index(names, dtype=object)
         return self._by_digest[digest]
 
+    def from_h5(self, node: h5py.Dataset | h5py.Group, what: str) -> pd.Index:
+        """The Index of a stored string column, decoding it only when its raw bytes are new."""
+        if isinstance(node, h5py.Dataset) and node.dtype.kind in ("S", "O"):
+            raw = node[()]  # bytes: hashing them is much cheaper than decoding 20,000 names per file
+            digest = hashlib.sha1(raw.tobytes() if raw.dtype.kind == "S" else b"\0".join(raw)).digest()
+            key = b"raw" + digest
+            if key not in self._by_digest:
+                self._by_digest[key] = self.get(_read_string_slice(node, 0, node.shape[0], what))
+            return self._by_digest[key]
+        return self.get(_read_string_slice(node, 0, node.shape[0], what))
 
-def _h5_var_names(f: h5py.File, prefix: str, name: str) -> np.ndarray:
+
+def _h5_var_names(f: h5py.File, prefix: str, name: str, indexes: _SharedIndexes) -> pd.Index:
     try:
         var = f[f"{prefix}var"]
         key = var.attrs.get("_index", "_index")
-        return _read_string_slice(var[key], 0, var[key].shape[0], f"{name}: var index")
+        return indexes.from_h5(var[key], f"{name}: var index")
     except KeyError as e:
         raise InputError(f"{name}: no {prefix}var index found; is this an AnnData file?") from e
 
@@ -299,10 +310,10 @@ def _source_from_path(path: Path, mod: str | None, indexes: _SharedIndexes) -> S
                 raise InputError(f"{name}: X/indptr has the wrong length; is the file truncated?")
         else:
             shape = x.shape
-        var_names = _h5_var_names(f, prefix, name)
+        var_names = _h5_var_names(f, prefix, name, indexes)
     if len(var_names) != shape[1]:
         raise InputError(f"{name}: X has {shape[1]} columns but var has {len(var_names)} names.")
-    return Source(name=name, n_obs=int(shape[0]), var_names=indexes.get(var_names), path=path, mod=mod)
+    return Source(name=name, n_obs=int(shape[0]), var_names=var_names, path=path, mod=mod)
 
 
 def as_sources(files: Sequence[Any] | Any, *, mod: str | None = None) -> list[Source]:
