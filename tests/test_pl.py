@@ -86,3 +86,35 @@ def test_palette_from_uns(coreset):
     cs.uns["cell_type_colors"] = np.array(["#ff0000"] * n)
     ax = scc.pl.f1_trajectories(cs, show=False)
     assert ax.get_lines()[0].get_color() == "#ff0000"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shown"),
+    [
+        ({}, 1),
+        ({"show": True}, 1),
+        ({"show": False}, 0),
+        ({"ax": "given"}, 0),
+        ({"ax": "given", "show": True}, 1),
+        ({"return_fig": True}, 0),
+        ({"return_fig": True, "show": True}, 1),
+        ({"save": "x.png"}, 0),
+    ],
+)
+@pytest.mark.parametrize("plot", ["chunk_distribution", "f1_trajectories", "training_dynamics", "loss"])
+def test_show_as_scanpy(coreset, monkeypatch, tmp_path, plot, kwargs, shown):
+    calls = []
+    monkeypatch.setattr(plt, "show", lambda *a, **k: calls.append(1))
+    kwargs = dict(kwargs)
+    if kwargs.get("ax") == "given":
+        _, kwargs["ax"] = plt.subplots()
+    if "save" in kwargs:
+        kwargs["save"] = tmp_path / kwargs["save"]
+    out = getattr(scc.pl, plot)(coreset, **kwargs)
+    assert len(calls) == shown
+    if kwargs.get("return_fig"):
+        assert isinstance(out, plt.Figure)
+    elif shown:
+        assert out is None
+    else:
+        assert out is kwargs.get("ax", out) and out.figure is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import matplotlib.pyplot as plt
@@ -13,12 +14,19 @@ from matplotlib.axes import Axes
 from .._errors import InputError
 from ._utils import class_colors, finish, history_array, new_axes, record
 
-_PLOT_ARGS = """ax, show, save, return_fig
-        As in scanpy: draw into ``ax``, show the figure, save it to a path, return the Figure.
+_PLOT_ARGS = """ax
+        Draw into these Axes instead of a new figure.
+    show
+        Call :func:`matplotlib.pyplot.show`. None (as scanpy): show unless ``ax`` was given, the figure is
+        saved or ``return_fig=True``; False never shows.
+    save
+        Save the figure to this path.
+    return_fig
+        Return the Figure instead of the Axes.
 
     Returns
     -------
-    The Axes (or the Figure with ``return_fig=True``; None when shown)."""
+    The Axes (or the Figure with ``return_fig=True``); None when shown."""
 
 
 def _plot_doc(func):
@@ -35,7 +43,7 @@ def chunk_distribution(
     kind: Literal["history", "final"] = "history",
     ax: Axes | None = None,
     show: bool | None = None,
-    save: str | None = None,
+    save: str | Path | None = None,
     return_fig: bool = False,
 ):
     """Where the buffer's cells came from.
@@ -56,6 +64,7 @@ def chunk_distribution(
     rec = record(coreset)
     if by not in ("chunk", "file"):
         raise InputError(f"by must be 'chunk' or 'file', got {by!r}.")
+    ax_given = ax is not None
     ax = new_axes(ax, (7, 4))
     if kind == "history":
         counts = history_array(rec, f"buffer_{by}_counts")
@@ -86,7 +95,7 @@ def chunk_distribution(
         ax.figure.colorbar(im, ax=ax, label="cells")
     else:
         raise InputError(f"kind must be 'history' or 'final', got {kind!r}.")
-    return finish(ax, show=show, save=save, return_fig=return_fig)
+    return finish(ax, ax_given=ax_given, show=show, save=save, return_fig=return_fig)
 
 
 @_plot_doc
@@ -96,7 +105,7 @@ def f1_trajectories(
     classes: Sequence[str] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
-    save: str | None = None,
+    save: str | Path | None = None,
     return_fig: bool = False,
 ):
     """Per-class F1 on the evaluation data against step, with macro-F1 and accuracy emphasised.
@@ -124,6 +133,7 @@ def f1_trajectories(
     first = np.array([np.flatnonzero(seen[:, i])[0] if seen[:, i].any() else -1 for i in range(len(all_classes))])
     share = seen.sum(0) / max(seen.sum(), 1)
     colors = class_colors(coreset, all_classes)
+    ax_given = ax is not None
     ax = new_axes(ax, (7, 4))
     for name in chosen:
         i = all_classes.index(name)
@@ -138,7 +148,7 @@ def f1_trajectories(
     ax.set_ylabel("F1 on evaluation data")
     ax.set_title("per-class F1 along the stream")
     ax.legend(loc="upper left", bbox_to_anchor=(1, 1), fontsize="small", frameon=False)
-    return finish(ax, show=show, save=save, return_fig=return_fig)
+    return finish(ax, ax_given=ax_given, show=show, save=save, return_fig=return_fig)
 
 
 @_plot_doc
@@ -148,7 +158,7 @@ def training_dynamics(
     color: Literal["class", "forgetting"] = "class",
     ax: Axes | None = None,
     show: bool | None = None,
-    save: str | None = None,
+    save: str | Path | None = None,
     return_fig: bool = False,
 ):
     """Dataset-cartography map of the kept cells: mean confidence against its variability across epochs.
@@ -167,6 +177,7 @@ def training_dynamics(
     obs = coreset.obs
     x = obs["sccoreset_variability"].to_numpy()
     y = obs["sccoreset_confidence"].to_numpy()
+    ax_given = ax is not None
     ax = new_axes(ax, (6, 5))
     if color == "class":
         classes = [str(c) for c in rec["classes"]]
@@ -185,7 +196,7 @@ def training_dynamics(
     ax.set_xlabel("variability (std of true-class probability)")
     ax.set_ylabel("confidence (mean true-class probability)")
     ax.set_title("training dynamics of the coreset")
-    return finish(ax, show=show, save=save, return_fig=return_fig)
+    return finish(ax, ax_given=ax_given, show=show, save=save, return_fig=return_fig)
 
 
 @_plot_doc
@@ -194,7 +205,7 @@ def loss(
     *,
     ax: Axes | None = None,
     show: bool | None = None,
-    save: str | None = None,
+    save: str | Path | None = None,
     return_fig: bool = False,
 ):
     """Training loss of every epoch along the stream, steps marked; the final consolidation at the end.
@@ -208,6 +219,7 @@ def loss(
     rec = record(coreset)
     epochs = history_array(rec, "epoch_losses")
     n_steps, per_step = epochs.shape
+    ax_given = ax is not None
     ax = new_axes(ax, (7, 3.5))
     xs = np.arange(n_steps * per_step) / per_step
     ax.plot(xs, epochs.ravel(), color="tab:blue", lw=1, label="epoch loss")
@@ -222,4 +234,4 @@ def loss(
     ax.set_ylabel("training loss")
     ax.set_title("training loss")
     ax.legend(frameon=False, fontsize="small")
-    return finish(ax, show=show, save=save, return_fig=return_fig)
+    return finish(ax, ax_given=ax_given, show=show, save=save, return_fig=return_fig)

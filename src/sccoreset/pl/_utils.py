@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -35,11 +36,18 @@ def new_axes(ax: Axes | None, figsize=(6, 4)) -> Axes:
     return ax
 
 
-def finish(ax: Axes, *, show: bool | None, save: str | None, return_fig: bool):
-    """scanpy-style ending: save if asked, show only when ``show`` is True, return Axes or Figure."""
+def finish(ax: Axes, *, ax_given: bool, show: bool | None, save: str | Path | None, return_fig: bool):
+    """scanpy-style ending: save if asked, show, return the Axes or the Figure.
+
+    ``show=None`` shows unless the caller passed its own ``ax``, asked for the Figure
+    (``return_fig=True``) or saved it (as scanpy); ``show=False`` never calls :func:`matplotlib.pyplot.show`.
+    Returns None when shown, else the Axes (the Figure with ``return_fig=True``).
+    """
     fig = ax.figure
     if save:
         fig.savefig(save, bbox_inches="tight")
+    if show is None:
+        show = not (ax_given or return_fig or save)
     if show:
         plt.show()
     if return_fig:

@@ -11,6 +11,7 @@ from .._engine._loop import _predict_logits
 from .._engine._model import load_model
 from .._errors import InputError
 from ..pp._gene_space import GeneSpace
+from ._device import resolve_device
 
 
 def load_classifier(
@@ -28,13 +29,16 @@ def predict(
     adata: AnnData,
     coreset: AnnData,
     *,
-    key_added: str = "sccoreset_prediction",
     layer: str | None = None,
-    model: torch.nn.Module | None = None,
+    device: str | torch.device | None = None,
     batch_size: int = 4096,
+    key_added: str = "sccoreset",
+    over_clustering: str | None = None,
+    majority_voting: bool = False,
+    model: torch.nn.Module | None = None,
     copy: bool = False,
 ) -> AnnData | None:
-    """Predict labels of new cells with the classifier stored in ``coreset``.
+    """Predict labels of new cells with the classifier stored in ``coreset``, as CellTypist annotates.
 
     ``adata`` is transformed through the coreset's gene space (genes matched by name, missing genes
     as zeros), exactly as the training chunks were.
@@ -45,30 +49,107 @@ def predict(
         Cells with raw counts in ``X`` (or ``layers[layer]``).
     coreset
         The AnnData returned by :func:`~sccoreset.tl.stream_train`, or read back from its .h5ad.
-    key_added
-        obs column of the predicted label; its probability goes to ``f"{key_added}_probability"``.
     layer
         Read counts from this layer instead of ``X``.
-    model
-        An instance of the architecture, needed only when a custom model was trained.
+    device
+        ``"cuda"``, ``"cpu"`` (or any torch device); None: CUDA when available. The model is moved there.
     batch_size
         Cells per forward pass.
+    key_added
+        Prefix of the outputs (see Returns).
+    over_clustering
+        obs column of a clustering (e.g. ``"leiden"``) for ``majority_voting``; sccoreset does not cluster.
+    majority_voting
+        Also label every cell with the most frequent prediction of its cluster in ``obs[over_clustering]``
+        (ties go to the class listed first in the coreset).
+    model
+        An instance of the architecture, needed only when a custom model was trained.
     copy
-        Return a copy with the columns added instead of writing into ``adata``.
+        Return a copy with the results instead of writing into ``adata``.
 
     Returns
     -------
-    None, or the annotated copy when ``copy=True``.
+    None, or the annotated copy when ``copy=True``. Written:
+
+    ``obs[f"{key_added}_prediction"]``
+        Predicted class (categorical over the coreset's classes).
+    ``obs[f"{key_added}_confidence"]``
+        Probability of the predicted class.
+    ``obsm[f"{key_added}_probabilities"]``
+        DataFrame of every class's probability (columns: classes, index: obs_names).
+    ``obs[f"{key_added}_majority_voting"]``
+        With ``majority_voting=True``: the most frequent prediction within the cell's cluster.
+    ``uns[key_added]``
+        ``{"params": ..., "classes": ...}``: how the prediction was made.
+
+    Examples
+    --------
+    >>> sccoreset.tl.predict(adata, coreset, majority_voting=True, over_clustering="leiden")  # doctest: +SKIP
+    >>> adata.obs[["sccoreset_prediction", "sccoreset_confidence", "sccoreset_majority_voting"]]  # doctest: +SKIP
     """
-    net, gs, classes = load_classifier(coreset, model)
+    if majority_voting and over_clustering is None:
+        raise InputError(
+            "majority_voting=True needs over_clustering=: an obs column of clusters, e.g. after "
+            "sc.pp.neighbors(adata); sc.tl.leiden(adata) pass over_clustering='leiden'."
+        )
+    if over_clustering is not None and over_clustering not in adata.obs:
+        raise InputError(
+            f"over_clustering={over_clustering!r} is not a column of adata.obs (columns: {list(adata.obs)})."
+        )
     if layer is not None and layer not in adata.layers:
         raise InputError(f"layer {layer!r} not in adata.layers (layers: {list(adata.layers)}).")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    existing = adata.uns.get(key_added)
+    if isinstance(existing, dict) and "model" in existing:
+        # predicting on a coreset itself: its uns record and its training-dynamics obs columns
+        # (f"{key_added}_confidence") would be overwritten
+        raise InputError(
+            f"adata.uns[{key_added!r}] holds a trained coreset's record; predicting with key_added={key_added!r} "
+            "would overwrite it and the coreset's own columns. Pass another key_added, e.g. key_added='predicted'."
+        )
+
+    net, gs, classes = load_classifier(coreset, model)
+    dev = resolve_device(device)
+    net = net.to(dev)
     counts = adata.X if layer is None else adata.layers[layer]
     X = gs.transform(counts, adata.var_names, source="adata")
-    logits = _predict_logits(net, X, "cpu", batch_size)
-    prob = torch.softmax(torch.from_numpy(logits), 1).numpy()
+    if X.shape[0]:
+        logits = _predict_logits(net, X, dev, batch_size)
+        prob = torch.softmax(torch.from_numpy(logits).double(), 1).numpy()
+    else:
+        prob = np.zeros((0, len(classes)))
     best = prob.argmax(1)
+    names = pd.Index(np.asarray(classes, dtype=object), dtype=object)
+
     adata = adata.copy() if copy else adata
-    adata.obs[key_added] = pd.Categorical(np.asarray(classes)[best], categories=classes)
-    adata.obs[f"{key_added}_probability"] = prob[np.arange(best.size), best].astype(np.float64)
+    adata.obs[f"{key_added}_prediction"] = pd.Categorical.from_codes(best, categories=names)
+    adata.obs[f"{key_added}_confidence"] = prob[np.arange(best.size), best]
+    adata.obsm[f"{key_added}_probabilities"] = pd.DataFrame(prob, index=adata.obs_names.copy(), columns=names)
+    if majority_voting:
+        adata.obs[f"{key_added}_majority_voting"] = _majority_vote(adata.obs[over_clustering], best, names)
+    adata.uns[key_added] = {
+        "params": {
+            "layer": "None" if layer is None else str(layer),
+            "device": dev,
+            "batch_size": int(batch_size),
+            "over_clustering": "None" if over_clustering is None else str(over_clustering),
+            "majority_voting": bool(majority_voting),
+            "model": "stored" if model is None else type(model).__name__,
+            "coreset_label_key": str(coreset.uns["sccoreset"].get("label_key", "")),
+        },
+        "classes": np.asarray(classes, dtype=str),
+    }
     return adata if copy else None
+
+
+def _majority_vote(clusters: pd.Series, best: np.ndarray, names: pd.Index) -> pd.Categorical:
+    """The most frequent predicted class within each cluster, for every cell; NaN for cells without a cluster."""
+    codes = pd.Categorical(clusters).codes
+    has = codes >= 0
+    n_clusters = int(codes.max()) + 1 if has.any() else 0
+    table = np.zeros((n_clusters, len(names)), dtype=np.int64)
+    np.add.at(table, (codes[has], best[has]), 1)
+    out = np.full(codes.size, -1, dtype=np.int64)
+    out[has] = table.argmax(1)[codes[has]]
+    return pd.Categorical.from_codes(out, categories=names)
