@@ -1,0 +1,224 @@
+"""A million-cell stream end to end (issue 9): throughput, where the time goes, peak memory, final macro-F1.
+
+The stream: ``--distinct`` seeded files of ``--cells / --files`` cells x ``--genes`` genes made by
+``datasets.synthetic_stream``, hard-linked (copied where links are impossible) over and over into
+``--files`` files, cached in ``--data-dir``. The gene space is fitted once (timed on its own); then
+``tl.stream_train`` runs with the package's defaults (chunk 10,000, buffer 2,000, 5 epochs per step,
+default MLP) unless flags say otherwise, without eval data; only the final model is scored, by
+``tl.predict`` on the generator's balanced held-out cells.
+
+Printed: cells/s and wall time of stream_train, the shares of wall time spent waiting for chunks,
+training, selecting and evaluating (sums of the per-step history), peak host RSS and peak GPU memory
+during stream_train, final macro-F1, and the cells/s of fit_gene_space. ``--compare-cpu N`` also
+trains on the first N cells on CPU and CUDA with the same seed (bar: macro-F1 within 0.01).
+
+    python benchmarks/bench_scale.py                                  # 1,000,000 cells, 20,000 genes
+    python benchmarks/bench_scale.py --compare-cpu 100000 --json scale.json
+    python benchmarks/bench_scale.py --cells 40000 --files 4 --genes 2000 --device cpu   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import anndata as ad
+import torch
+from _common import macro_f1, peak_rss_mib, reset_peak_rss, rss_mib, write_json
+
+import sccoreset as scc
+
+DATA = Path(__file__).parent / "_data" / "scale"
+
+
+def make_stream(args):
+    """The distinct files (generated once, reused) and the list of ``--files`` links cycling over them."""
+    per_file = args.cells // args.files
+    distinct = max(1, min(args.distinct, args.files))
+    base = Path(args.data_dir) / f"g{args.genes}_c{per_file}_d{distinct}_s{args.seed}"
+    fresh = not (base / "manifest.json").exists()
+    t0 = time.perf_counter()
+    stream = scc.datasets.synthetic_stream(
+        base, n_files=distinct, cells_per_file=per_file, n_genes=args.genes, random_state=args.seed
+    )
+    gen_seconds = time.perf_counter() - t0
+    links_dir = base / f"links_{args.files}"
+    links_dir.mkdir(exist_ok=True)
+    files, copied = [], 0
+    for i in range(args.files):
+        src = Path(stream.files[i % distinct])
+        dst = links_dir / f"part_{i:05d}.h5ad"
+        if dst.exists() and not (os.path.samefile(src, dst) or dst.stat().st_size == src.stat().st_size):
+            dst.unlink()
+        if not dst.exists():
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+                copied += 1
+        files.append(str(dst))
+    if copied:
+        print(f"  (hard links impossible here: {copied} files copied)")
+    return stream, files, per_file, distinct, gen_seconds, fresh
+
+
+def train_kwargs(args, device):
+    """Only the options given on the command line: everything else stays at the package's defaults."""
+    kw = {"device": device, "random_state": args.seed, "progress": False}
+    for flag in ("chunk_size", "buffer_size", "epochs_per_step", "batch_size"):
+        if getattr(args, flag) is not None:
+            kw[flag] = getattr(args, flag)
+    return kw
+
+
+def final_macro_f1(coreset, holdout, label_key):
+    t0 = time.perf_counter()
+    scc.tl.predict(holdout, coreset)
+    f1 = macro_f1(holdout.obs[label_key], holdout.obs["sccoreset_prediction"])
+    return f1, time.perf_counter() - t0
+
+
+def timed_run(files, label_key, gs, kw, n_cells):
+    """stream_train once: wall time, the history's shares, peak host RSS and peak GPU memory during the call."""
+    cuda = str(kw["device"]).startswith("cuda")
+    if cuda:
+        torch.zeros(1, device=kw["device"])  # CUDA context created outside the timed region
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = rss_mib()
+    rss_reset = reset_peak_rss()
+    t0 = time.perf_counter()
+    cs = scc.tl.stream_train(files, label_key, gene_space=gs, **kw)
+    wall = time.perf_counter() - t0
+    h = cs.uns["sccoreset"]["history"]
+    res = {
+        "device": str(kw["device"]),
+        "cells": n_cells,
+        "steps": len(h["step"]),
+        "wall_seconds": wall,
+        "cells_per_s": n_cells / wall,
+        "rss_before_mib": rss_before,
+        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_is_process_lifetime": not rss_reset,
+    }
+    for part in ("wait", "train", "select", "eval"):
+        res[f"{part}_seconds"] = float(h[f"{part}_seconds"].sum())
+        res[f"{part}_share"] = res[f"{part}_seconds"] / wall
+    res["first_wait_seconds"] = float(h["wait_seconds"][0])
+    res["other_share"] = 1 - sum(res[f"{p}_share"] for p in ("wait", "train", "select", "eval"))
+    if cuda:
+        res["peak_gpu_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        res["peak_gpu_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
+    return cs, res
+
+
+def report(res):
+    print(f"stream_train on {res['device']}: {res['cells']:,} cells in {res['steps']} steps")
+    print(f"  wall time:                   {res['wall_seconds']:.1f} s")
+    print(f"  cells/s end to end:          {res['cells_per_s']:,.0f}")
+    for part, what in (
+        ("wait", "waiting for chunks"), ("train", "training"), ("select", "selection"), ("eval", "evaluation"),
+    ):  # fmt: skip
+        print(f"  {what + ':':<28} {res[f'{part}_seconds']:8.1f} s = {100 * res[f'{part}_share']:5.1f}% of wall time")
+    print(f"  other (scan, final epochs, coreset):  {100 * res['other_share']:5.1f}% of wall time")
+    print(f"  first chunk's wait:          {res['first_wait_seconds']:.2f} s")
+    life = " (process lifetime: could not reset)" if res["peak_rss_is_process_lifetime"] else ""
+    print(
+        f"  peak host RSS:               {res['peak_rss_mib']:,.0f} MiB{life} "
+        f"({res['peak_rss_mib'] - res['rss_before_mib']:+,.0f} MiB over the {res['rss_before_mib']:,.0f} MiB before)"
+    )
+    if "peak_gpu_allocated_mib" in res:
+        print(
+            f"  peak GPU memory:             {res['peak_gpu_allocated_mib']:,.0f} MiB allocated, "
+            f"{res['peak_gpu_reserved_mib']:,.0f} MiB reserved"
+        )
+    else:
+        print("  peak GPU memory:             - (not on CUDA)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", type=int, default=1_000_000, help="cells in the stream (default 1,000,000)")
+    p.add_argument("--files", type=int, default=None, help="files in the stream (default: 10,000 cells each)")
+    p.add_argument("--distinct", type=int, default=10, help="distinct generated files, linked over (default 10)")
+    p.add_argument("--genes", type=int, default=20_000)
+    p.add_argument("--n-top-genes", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and of stream_train")
+    p.add_argument("--data-dir", default=str(DATA))
+    p.add_argument("--device", default=None, help="cpu or cuda (default cuda when available)")
+    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--buffer-size", type=int, default=None)
+    p.add_argument("--epochs-per-step", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--compare-cpu", type=int, default=0, metavar="N", help="also CPU vs CUDA on the first N cells")
+    p.add_argument("--json", default=None, metavar="PATH", help="write all figures as JSON")
+    args = p.parse_args()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    record = {
+        "args": vars(args),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "sccoreset": getattr(scc, "__version__", "?"),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    print(f"device {device}" + (f" ({record['gpu']})" if record["gpu"] else "") + f", {record['cpus']} CPUs")
+
+    if args.files is None:
+        args.files = max(1, args.cells // 10_000)
+    stream, files, per_file, distinct, gen_seconds, fresh = make_stream(args)
+    n_cells = per_file * len(files)
+    record["stream"] = {"cells": n_cells, "files": len(files), "distinct_files": distinct, "cells_per_file": per_file,
+                        "genes": args.genes, "generated_now": fresh, "generate_seconds": gen_seconds,
+                        "generate_seconds_per_file": gen_seconds / distinct if fresh else None}  # fmt: skip
+    how = f"generated in {gen_seconds:.1f} s = {gen_seconds / distinct:.1f} s per distinct file" if fresh else "cached"
+    print(
+        f"stream: {n_cells:,} cells in {len(files)} files x {per_file:,} cells x {args.genes:,} genes, "
+        f"{distinct} distinct, hard-linked ({how})"
+    )
+
+    t0 = time.perf_counter()
+    gs = scc.pp.fit_gene_space(files, n_top_genes=args.n_top_genes)
+    fit_s = time.perf_counter() - t0
+    record["fit_gene_space"] = {"seconds": fit_s, "cells_per_s": n_cells / fit_s, "n_genes": gs.n_genes}
+    print(f"fit_gene_space: {fit_s:.1f} s = {n_cells / fit_s:,.0f} cells/s ({gs.n_genes} genes)")
+
+    holdout = ad.read_h5ad(stream.holdout)
+    kw = train_kwargs(args, device)
+    cs, res = timed_run(files, stream.label_key, gs, kw, n_cells)
+    res["final_macro_f1"], res["predict_seconds"] = final_macro_f1(cs, holdout, stream.label_key)
+    res["coreset_cells"] = cs.n_obs
+    record["run"] = res
+    report(res)
+    print(f"  final macro-F1 (held out):   {res['final_macro_f1']:.4f} on {holdout.n_obs:,} cells")
+    del cs
+
+    if args.compare_cpu:
+        n_files = max(1, -(-args.compare_cpu // per_file))
+        sub = files[:n_files]
+        cmp = {"cells": n_files * per_file, "files": n_files}
+        print(f"\nCPU vs CUDA, same seed, first {cmp['cells']:,} cells ({n_files} files):")
+        if not torch.cuda.is_available():
+            print("  skipped: no CUDA device")
+            cmp["skipped"] = "no CUDA device"
+        else:
+            for dev in ("cpu", "cuda"):
+                cs, r = timed_run(sub, stream.label_key, gs, train_kwargs(args, dev), cmp["cells"])
+                r["final_macro_f1"], _ = final_macro_f1(cs, holdout, stream.label_key)
+                cmp[dev] = r
+                print(f"  {dev:>4}: macro-F1 {r['final_macro_f1']:.4f}  [{r['wall_seconds']:.1f} s, {r['cells_per_s']:,.0f} cells/s]")  # fmt: skip
+            diff = cmp["cuda"]["final_macro_f1"] - cmp["cpu"]["final_macro_f1"]
+            cmp["macro_f1_diff"] = diff
+            cmp["within_0.01"] = abs(diff) <= 0.01
+            print(f"  difference (cuda - cpu): {diff:+.4f}   (bar |diff| <= 0.01: {'met' if abs(diff) <= 0.01 else 'NOT met'})")  # fmt: skip
+        record["compare_cpu"] = cmp
+    if args.json:
+        write_json(args.json, record)
+
+
+if __name__ == "__main__":
+    main()
