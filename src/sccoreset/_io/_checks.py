@@ -36,7 +36,7 @@ def warn_if_not_counts(sources: Sequence[Source]) -> None:
         example = non_integer_example(block.data)
         if example is not None:
             warnings.warn(
-                f"{src.name}: X holds non-integer values (e.g. {example:.4g} in its first {PEEK_ROWS} rows); "
+                f"{src.name}: {src.matrix_name} holds non-integer values (e.g. {example:.4g} in its first {PEEK_ROWS} rows); "
                 "raw counts are expected, and log-normalized data would be normalized and log-transformed again. "
                 "Pass the raw counts (for an AnnData in memory, e.g. adata.layers['counts']).",
                 NotRawCountsWarning,

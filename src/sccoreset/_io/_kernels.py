@@ -10,6 +10,33 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+# bits of the per-row ``bad`` flags the kernels set
+BAD_VALUE = 1  # negative or non-finite count
+BAD_INDEX = 2  # a column index outside [0, n_vars)
+BAD_INDPTR = 4  # indptr decreasing or pointing past the stored data
+
+
+def bad_row_message(bad: np.ndarray, rows: np.ndarray | None, row_offset: int, source: str, what: str) -> str:
+    """The error message for the first flagged row (structural damage is reported before bad values)."""
+    for bit in (BAD_INDPTR, BAD_INDEX, BAD_VALUE):
+        hit = np.flatnonzero(bad & bit)
+        if hit.size:
+            break
+    i = int(hit[0])
+    row = int(rows[i]) if rows is not None else i + row_offset
+    if bit == BAD_INDPTR:
+        return (
+            f"{source}: {what}/indptr is decreasing or points past the stored data at row {row}; the file is corrupt."
+        )
+    if bit == BAD_INDEX:
+        return (
+            f"{source}: {what}/indices out of range (a column index < 0 or >= the number of genes), "
+            f"first in row {row}; the file is corrupt."
+        )
+    return (
+        f"{source}: {what} holds negative or non-finite (NaN/inf) values, first in row {row}; raw counts are expected."
+    )
+
 
 @numba.njit(nogil=True, cache=True, inline="always")
 def _row_sum(data, lo, hi):
@@ -24,12 +51,26 @@ def _row_sum(data, lo, hi):
     return s, flag
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _indices_in_range(indices, lo, hi, n_cols):
+    """Whether every column index of a row is in ``[0, n_cols)``: a min/max pass that vectorizes."""
+    mn = n_cols
+    mx = -1
+    for j in range(lo, hi):
+        ix = indices[j]
+        mn = min(mn, ix)
+        mx = max(mx, ix)
+    return hi == lo or (mn >= 0 and mx < n_cols)
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def csr_transform(data, indices, indptr, col_map, mean, inv_std, fill, target_sum, max_value, out, bad):
     """normalize_total -> log1p -> map columns -> (x - mean) * inv_std -> clip, into dense ``out``.
 
     ``mean``, ``inv_std`` and ``fill`` are float32; ``fill[c]`` is the (clipped) value of a zero in
-    target column ``c``. ``bad[i]`` is set to 1 for a row holding a negative or non-finite value.
+    target column ``c``. ``bad[i]`` gets the bits of what is wrong with row ``i`` (``BAD_VALUE``: a
+    negative or non-finite value, ``BAD_INDEX``: a column index out of range, ``BAD_INDPTR``); the
+    checks cost one predictable compare per element and keep a corrupt file from reading out of bounds.
 
     One pass over a row sums it and compacts the entries on the gene list into a scratch buffer
     without branching (about 1 in 10 entries is kept, at random: a branch there mispredicts often);
@@ -37,6 +78,8 @@ def csr_transform(data, indices, indptr, col_map, mean, inv_std, fill, target_su
     once per block.
     """
     n = indptr.size - 1
+    n_cols = col_map.size
+    nnz = min(data.size, indices.size)
     n_blocks = (n + 255) // 256
     for block in numba.prange(n_blocks):
         r0 = block * 256
@@ -47,10 +90,20 @@ def csr_transform(data, indices, indptr, col_map, mean, inv_std, fill, target_su
         cols = np.empty(width, np.int32)
         vals = np.empty(width, np.float32)
         for i in range(r0, r1):
+            lo = indptr[i]
+            hi = indptr[i + 1]
+            if lo < 0 or hi < lo or hi > nnz:
+                bad[i] = 4  # BAD_INDPTR
+                out[i, :] = fill
+                continue
+            if not _indices_in_range(indices, lo, hi, n_cols):
+                bad[i] = 2  # BAD_INDEX
+                out[i, :] = fill
+                continue
             s = np.float32(0.0)
             flag = 0
             k = 0
-            for j in range(indptr[i], indptr[i + 1]):
+            for j in range(lo, hi):
                 v = data[j]
                 if not (v >= 0.0) or v == np.inf:
                     flag = 1
@@ -73,9 +126,11 @@ def csr_accumulate(data, indices, indptr, col_map, target_sum, sums, bad):
     """Add per-column sums of x, x**2, log1p(x), log1p(x)**2 of normalized rows into ``sums`` (4, n_genes).
 
     ``col_map`` maps the block's columns onto the target genes (-1: not a target). Returns the
-    number of rows holding a negative or non-finite value (they are flagged in ``bad``).
+    number of flagged rows (``bad`` holds the bits, as in :func:`csr_transform`).
     """
     n = indptr.size - 1
+    n_cols = col_map.size
+    nnz = min(data.size, indices.size)
     n_parts = 2 if n > 64 else 1
     part_sums = np.zeros((n_parts, sums.shape[0], sums.shape[1]), dtype=np.float64)
     step = (n + n_parts - 1) // n_parts
@@ -84,6 +139,12 @@ def csr_accumulate(data, indices, indptr, col_map, target_sum, sums, bad):
         for i in range(p * step, min(n, (p + 1) * step)):
             lo = indptr[i]
             hi = indptr[i + 1]
+            if lo < 0 or hi < lo or hi > nnz:
+                bad[i] = 4  # BAD_INDPTR
+                continue
+            if not _indices_in_range(indices, lo, hi, n_cols):
+                bad[i] = 2  # BAD_INDEX
+                continue
             s, flag = _row_sum(data, lo, hi)
             bad[i] = flag
             if flag or s <= 0:
@@ -104,5 +165,5 @@ def csr_accumulate(data, indices, indptr, col_map, target_sum, sums, bad):
         sums += part_sums[p]
     n_bad = 0
     for i in range(n):
-        n_bad += bad[i]
+        n_bad += bad[i] != 0
     return n_bad

@@ -12,10 +12,12 @@ from typing import Any
 import numba
 import numpy as np
 
+from .._io._blocks import CSRBlock, take_rows
 from .._io._checks import warn_if_not_counts
+from .._io._labels import MissingLabels, check_policy, count_missing_labels, missing_labels_error
 from .._io._prefetch import prefetch as run_ahead
 from .._io._recycle import ArrayRecycler
-from .._io._sources import ReadBuffers, Source, as_sources, close_all
+from .._io._sources import ReadBuffers, Source, open_sources
 from .._utils import RandomState, as_rng, check_positive
 from ._chunk_plan import Order, Segment, plan_chunks
 from ._gene_space import GeneSpace
@@ -36,13 +38,16 @@ class Chunk:
     file_index
         Index into ``files`` of each cell's file.
     row
-        Row of each cell in its file.
+        Row of each cell in its file (the row in the file on disk, also for views of backed data;
+        for an AnnData in memory, the row in that object).
     obs_names
         obs name of each cell in its file.
     files
         Display names of all files of the stream.
     read_seconds, transform_seconds
         Time spent reading from disk and transforming.
+    n_skipped
+        Cells of this chunk's rows left out because their label is missing.
     """
 
     index: int
@@ -54,6 +59,7 @@ class Chunk:
     files: list[str] = field(repr=False)
     read_seconds: float = 0.0
     transform_seconds: float = 0.0
+    n_skipped: int = 0
 
     def __len__(self) -> int:
         return self.X.shape[0]
@@ -61,17 +67,23 @@ class Chunk:
 
 @dataclass
 class _RawChunk:
-    """A chunk as read from disk: CSR blocks per segment (views of pooled buffers) and provenance."""
+    """A chunk as read from disk: (file, CSR block) per segment (views of pooled buffers) and provenance."""
 
     index: int
-    segments: Sequence[Segment]
-    blocks: list
+    blocks: list[tuple[int, CSRBlock]]
     buffers: ReadBuffers
     labels: np.ndarray | None
     file_index: np.ndarray
     row: np.ndarray
     obs_names: np.ndarray
     read_seconds: float
+    n_skipped: int = 0
+
+
+def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+    if len(parts) == 1:
+        return parts[0].astype(dtype, copy=False)
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype=dtype)
 
 
 class ChunkReader:
@@ -82,10 +94,19 @@ class ChunkReader:
     transform kernel (GIL released) works on the previous chunk.
     """
 
-    def __init__(self, sources: Sequence[Source], gene_space: GeneSpace, label_key: str | None = None) -> None:
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        gene_space: GeneSpace,
+        label_key: str | None = None,
+        *,
+        missing_labels: MissingLabels = "skip",
+    ) -> None:
+        check_policy(missing_labels)
         self.sources = list(sources)
         self.gene_space = gene_space
         self.label_key = label_key
+        self.missing_labels = missing_labels
         self._col_maps: dict[int, np.ndarray] = {}
         self._outputs = ArrayRecycler(max_tracked=3)
 
@@ -97,46 +118,51 @@ class ChunkReader:
         return self._col_maps[key]
 
     def read_raw(self, index: int, segments: Sequence[Segment], buffers: ReadBuffers) -> _RawChunk:
+        """Read the segments' rows; cells with a missing label are dropped here (skip) or raise (error)."""
         t0 = time.perf_counter()
-        n = sum(stop - start for _, start, stop in segments)
-        file_index = np.empty(n, dtype=np.int32)
-        rows = np.empty(n, dtype=np.int64)
-        names = np.empty(n, dtype=object)
-        labels = np.empty(n, dtype=object) if self.label_key is not None else None
         buffers.reset()
-        blocks = []
-        pos = 0
+        blocks, file_index, rows, names, labels = [], [], [], [], []
+        n_skipped = 0
         for f, start, stop in segments:
             src = self.sources[f]
-            blocks.append(src.read_rows(start, stop, buffers))
-            sl = slice(pos, pos + stop - start)
-            names[sl] = src.read_obs_names(start, stop)
-            if labels is not None:
-                labels[sl] = src.read_obs_column(self.label_key, start, stop)
-            file_index[sl] = f
-            rows[sl] = np.arange(start, stop)
-            pos += stop - start
-        return _RawChunk(index, segments, blocks, buffers, labels, file_index, rows, names, time.perf_counter() - t0)
+            block = src.read_rows(start, stop, buffers)
+            seg_rows = src.physical_rows(start, stop)
+            seg_names = src.read_obs_names(start, stop)
+            if self.label_key is not None:
+                seg_labels, missing = src.read_labels(self.label_key, start, stop)
+                if missing.any():
+                    if self.missing_labels == "error":
+                        raise missing_labels_error(src, self.label_key, missing, seg_rows)
+                    keep = ~missing
+                    n_skipped += int(missing.sum())
+                    block = take_rows(block, keep)
+                    seg_rows, seg_names, seg_labels = seg_rows[keep], seg_names[keep], seg_labels[keep]
+                labels.append(seg_labels)
+            blocks.append((f, block))
+            rows.append(seg_rows)
+            names.append(seg_names)
+            file_index.append(np.full(seg_rows.size, f, dtype=np.int32))
+        return _RawChunk(
+            index, blocks, buffers, _cat(labels, object) if self.label_key is not None else None,
+            _cat(file_index, np.int32), _cat(rows, np.int64), _cat(names, object), time.perf_counter() - t0, n_skipped,
+        )  # fmt: skip
 
     def transform(self, raw: _RawChunk) -> Chunk:
         t0 = time.perf_counter()
         X = self._outputs.empty((raw.file_index.size, self.gene_space.n_genes))
         pos = 0
-        for (f, start, stop), block in zip(raw.segments, raw.blocks, strict=True):
+        for f, block in raw.blocks:
+            n = block.n_rows
+            src = self.sources[f]
             self.gene_space.transform_csr(
-                block.data,
-                block.indices,
-                block.indptr,
-                self.col_map(f),
-                source=self.sources[f].name,
-                row_offset=start,
-                out=X[pos : pos + stop - start],
-            )
-            pos += stop - start
+                block.data, block.indices, block.indptr, self.col_map(f), source=src.name,
+                out=X[pos : pos + n], rows=raw.row[pos : pos + n], what=src.matrix_name,
+            )  # fmt: skip
+            pos += n
         files = [s.name for s in self.sources]
         return Chunk(
             raw.index, X, raw.labels, raw.file_index, raw.row, raw.obs_names, files, raw.read_seconds,
-            time.perf_counter() - t0,
+            time.perf_counter() - t0, raw.n_skipped,
         )  # fmt: skip
 
     def read(self, index: int, segments: Sequence[Segment]) -> Chunk:
@@ -204,6 +230,8 @@ def iter_chunks(
     prefetch: int = 1,
     random_state: RandomState = 0,
     mod: str | None = None,
+    layer: str | None = None,
+    missing_labels: MissingLabels = "skip",
 ) -> Iterator[Chunk]:
     """Stream the files as chunks of at most ``chunk_size`` cells, transformed onto ``gene_space``.
 
@@ -214,7 +242,8 @@ def iter_chunks(
     Parameters
     ----------
     files
-        Paths to ``.h5ad`` / ``.h5mu`` files, or AnnData / MuData objects.
+        Paths to ``.h5ad`` / ``.h5mu`` files or anndata ``.zarr`` stores, or AnnData / MuData objects
+        (in memory or backed; views of backed objects are read through their rows).
     gene_space
         The fitted :class:`~sccoreset.pp.GeneSpace` (see :func:`~sccoreset.pp.fit_gene_space`).
     chunk_size
@@ -233,23 +262,29 @@ def iter_chunks(
         Seed of the block order.
     mod
         Modality to read from MuData inputs.
+    layer
+        Read counts from ``layers[layer]`` instead of ``X``.
+    missing_labels
+        Cells whose ``label_key`` value is missing (NaN/None): ``"skip"`` leaves them out of the
+        chunks (counted in ``chunk.n_skipped``, with one warning per stream counting them per file;
+        chunks are then smaller than ``chunk_size``); ``"error"`` raises before the first chunk.
 
     Yields
     ------
     :class:`~sccoreset.pp.Chunk` objects with features, labels and provenance.
     """
     check_positive(chunk_size=chunk_size, block_size=block_size)
-    sources = as_sources(files, mod=mod)
-    try:
-        reader = ChunkReader(sources, gene_space, label_key)
+    check_policy(missing_labels)
+    with open_sources(files, mod=mod, layer=layer) as sources:
+        reader = ChunkReader(sources, gene_space, label_key, missing_labels=missing_labels)
         warn_if_not_counts(sources)
         for f in range(len(sources)):  # alignment and label errors before the first chunk
             reader.col_map(f)
-            if label_key is not None:
-                sources[f].read_obs_column(label_key, 0, 1)
+        if label_key is not None:
+            count_missing_labels(sources, label_key, missing_labels, stacklevel=3)
         plan = plan_chunks(
             [s.n_obs for s in sources], chunk_size, order=order, block_size=block_size, rng=as_rng(random_state)
         )
-        yield from reader.iterate(plan, prefetch=prefetch)
-    finally:
-        close_all(sources)
+        for chunk in reader.iterate(plan, prefetch=prefetch):
+            if len(chunk):  # a chunk whose cells all lack a label is not yielded
+                yield chunk

@@ -11,9 +11,9 @@ from tqdm.auto import tqdm
 
 from .._errors import InputError
 from .._io._checks import warn_if_not_counts
-from .._io._kernels import csr_accumulate
+from .._io._kernels import bad_row_message, csr_accumulate
 from .._io._prefetch import prefetch
-from .._io._sources import CSRBlock, Source, as_sources, close_all
+from .._io._sources import CSRBlock, Source, open_sources
 from .._utils import RandomState, as_rng, check_positive, logger
 from ._chunk_plan import plan_chunks
 from ._gene_space import GeneSpace
@@ -67,11 +67,9 @@ def accumulate_statistics(
             bad = np.zeros(block.n_rows, dtype=np.uint8)
             n_bad = csr_accumulate(block.data, block.indices, block.indptr, col_maps[f], target_sum, sums, bad)
             if n_bad:
-                row = start + int(np.flatnonzero(bad)[0])
-                raise InputError(
-                    f"{sources[f].name}: X holds negative or non-finite (NaN/inf) values, first in row {row}; "
-                    "raw counts are expected."
-                )
+                src = sources[f]
+                rows = src.physical_rows(start, start + block.n_rows)
+                raise InputError(bad_row_message(bad, rows, 0, src.name, src.matrix_name))
             n_cells += block.n_rows
             bar.update(block.n_rows)
     return sums, n_cells
@@ -87,6 +85,7 @@ def fit_gene_space(
     max_cells: int | None = None,
     random_state: RandomState = 0,
     mod: str | None = None,
+    layer: str | None = None,
     progress: bool = False,
 ) -> GeneSpace:
     """Fit the global gene list and scaling statistics in one streaming pass over the files.
@@ -116,6 +115,8 @@ def fit_gene_space(
         Seed of the subsample.
     mod
         Modality to read from MuData inputs.
+    layer
+        Read counts from ``layers[layer]`` instead of ``X``.
     progress
         Show a progress bar.
 
@@ -124,14 +125,11 @@ def fit_gene_space(
     The fitted :class:`~sccoreset.pp.GeneSpace`.
     """
     check_positive(n_top_genes=n_top_genes, target_sum=target_sum, max_value=max_value, max_cells=max_cells)
-    sources = as_sources(files, mod=mod)
-    try:
+    with open_sources(files, mod=mod, layer=layer) as sources:
         return fit_sources(
             sources, n_top_genes=n_top_genes, gene_list=gene_list, target_sum=target_sum, max_value=max_value,
             max_cells=max_cells, random_state=random_state, progress=progress,
         )  # fmt: skip
-    finally:
-        close_all(sources)
 
 
 def fit_sources(

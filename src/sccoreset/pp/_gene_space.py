@@ -11,7 +11,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import InputError
-from .._io._kernels import csr_transform
+from .._io._kernels import bad_row_message, csr_transform
 
 
 @dataclass
@@ -97,10 +97,14 @@ class GeneSpace:
         source: str = "data",
         row_offset: int = 0,
         out: np.ndarray | None = None,
+        rows: np.ndarray | None = None,
+        what: str = "X",
     ) -> np.ndarray:
         """Transform CSR arrays of raw counts (columns given by ``col_map``) into float32 features.
 
         ``out`` (float32, C-contiguous, ``(n_rows, n_genes)``) receives the result when given.
+        Errors name row ``row_offset + i`` of ``source``, or ``rows[i]`` when ``rows`` is given,
+        and the matrix ``what`` (``X`` or ``layers/<name>``).
         """
         n = indptr.size - 1
         if out is None:
@@ -120,11 +124,7 @@ class GeneSpace:
             bad,
         )
         if bad.any():
-            row = int(np.flatnonzero(bad)[0]) + row_offset
-            raise InputError(
-                f"{source}: X holds negative or non-finite (NaN/inf) values, first in row {row}; "
-                "raw counts are expected."
-            )
+            raise InputError(bad_row_message(bad, rows, row_offset, source, what))
         return out
 
     def transform(self, X: Any, var_names: Sequence[str] | pd.Index, *, source: str = "data") -> np.ndarray:

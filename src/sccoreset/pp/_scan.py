@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 
 from .._errors import InputError
-from .._io._sources import Source, as_sources, close_all
+from .._io._labels import MissingLabels, check_policy, missing_labels_error, warn_missing_labels
+from .._io._sources import Source, open_sources
 
 
 @dataclass
@@ -28,7 +29,10 @@ class StreamInfo:
     genes_per_file
         Number of genes of each file.
     label_counts
-        Files × labels table of cell counts (empty when no ``label_key`` was given).
+        Files × labels table of cell counts (empty when no ``label_key`` was given); cells with a
+        missing label are not counted.
+    n_missing
+        Cells per file whose label is missing (NaN/None); they are left out of the stream.
     """
 
     files: list[str]
@@ -36,6 +40,11 @@ class StreamInfo:
     genes: pd.Index
     genes_per_file: np.ndarray
     label_counts: pd.DataFrame
+    n_missing: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_missing is None:
+            self.n_missing = np.zeros(len(self.files), dtype=np.int64)
 
     @property
     def n_cells(self) -> int:
@@ -51,6 +60,8 @@ class StreamInfo:
         df = pd.DataFrame({"n_obs": self.n_obs, "n_genes": self.genes_per_file}, index=self.files)
         if not self.label_counts.empty:
             df["n_labels"] = (self.label_counts.to_numpy() > 0).sum(1)
+        if self.n_missing.any():
+            df["n_missing"] = self.n_missing
         return df
 
 
@@ -62,13 +73,27 @@ def gene_union(sources: Sequence[Source]) -> pd.Index:
     return pd.Index(list(seen), dtype=object)
 
 
-def scan_sources(sources: Sequence[Source], label_key: str | None, classes: Sequence[str] | None = None) -> StreamInfo:
+def scan_sources(
+    sources: Sequence[Source],
+    label_key: str | None,
+    classes: Sequence[str] | None = None,
+    *,
+    missing_labels: MissingLabels = "skip",
+) -> StreamInfo:
+    """:func:`scan` on already opened sources (the caller closes them)."""
+    check_policy(missing_labels)
     counts = []
-    for s in sources:
+    n_missing = np.zeros(len(sources), dtype=np.int64)
+    for i, s in enumerate(sources):
         if label_key is None:
             continue
-        values = s.read_obs_column(label_key)
-        vc = pd.Series(values).value_counts()
+        values, missing = s.read_labels(label_key)
+        if missing.any():
+            if missing_labels == "error":
+                raise missing_labels_error(s, label_key, missing, s.physical_rows())
+            n_missing[i] = int(missing.sum())
+            values = values[~missing]
+        vc = pd.Series(values, dtype=object).value_counts()
         if classes is not None:
             unknown = sorted(set(vc.index) - set(map(str, classes)))
             if unknown:
@@ -76,6 +101,8 @@ def scan_sources(sources: Sequence[Source], label_key: str | None, classes: Sequ
                     f"{s.name}: obs[{label_key!r}] holds labels not in the given label set: {unknown[:10]}."
                 )
         counts.append(vc.rename(s.name))
+    if label_key is not None:
+        warn_missing_labels(sources, label_key, n_missing, stacklevel=4)
     if counts:
         table = pd.concat(counts, axis=1).T.fillna(0).astype(np.int64)
         table = table.reindex(columns=sorted(table.columns))
@@ -88,10 +115,18 @@ def scan_sources(sources: Sequence[Source], label_key: str | None, classes: Sequ
         genes=gene_union(sources),
         genes_per_file=np.array([len(s.var_names) for s in sources], dtype=np.int64),
         label_counts=table,
+        n_missing=n_missing,
     )
 
 
-def scan(files: Sequence[Any] | Any, label_key: str | None = None, *, mod: str | None = None) -> StreamInfo:
+def scan(
+    files: Sequence[Any] | Any,
+    label_key: str | None = None,
+    *,
+    mod: str | None = None,
+    layer: str | None = None,
+    missing_labels: MissingLabels = "skip",
+) -> StreamInfo:
     """Read the metadata of every input (obs label column, var names), never X.
 
     Parameters
@@ -102,6 +137,13 @@ def scan(files: Sequence[Any] | Any, label_key: str | None = None, *, mod: str |
         obs column holding the labels to count per file.
     mod
         Modality to read from MuData inputs (e.g. ``"rna"``).
+    layer
+        Check that every input has ``layers[layer]``, the counts the stream will read instead of ``X``.
+    missing_labels
+        Cells whose label is missing (NaN/None): ``"skip"`` leaves them out of the counts with a
+        :class:`~sccoreset._io._labels.MissingLabelsWarning` counting them per file (see
+        :attr:`StreamInfo.n_missing`); ``"error"`` raises an :class:`~sccoreset.InputError` naming the
+        file, the column, the number of such cells and the first one's row.
 
     Returns
     -------
@@ -112,8 +154,5 @@ def scan(files: Sequence[Any] | Any, label_key: str | None = None, *, mod: str |
     >>> info = sccoreset.pp.scan(["plate1.h5ad", "plate2.h5ad"], "cell_type")  # doctest: +SKIP
     >>> info.label_counts  # doctest: +SKIP
     """
-    sources = as_sources(files, mod=mod)
-    try:
-        return scan_sources(sources, label_key)
-    finally:
-        close_all(sources)
+    with open_sources(files, mod=mod, layer=layer) as sources:
+        return scan_sources(sources, label_key, missing_labels=missing_labels)

@@ -1,0 +1,209 @@
+"""A :class:`Source`: one input of the stream, read in row blocks without loading its matrix.
+
+A source knows its display name (used in every error message), its gene names, its number of
+cells and how to read obs columns and blocks of rows of its counts matrix (``X`` or a layer) as
+CSR arrays. Rows are *logical* (``0 .. n_obs - 1``); for a view of a file, :attr:`Source.rows`
+maps them to the *physical* rows of the file, which is what provenance records.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._errors import InputError
+from .._utils import logger
+from ._blocks import CSRBlock, ReadBuffers, block_from_matrix, concat_blocks, empty_block, runs
+from ._direct import DirectDataset
+from ._nodes import close_store, is_group, open_store, read_column, read_elem, read_slice_into, series_column
+
+
+@dataclass
+class Source:
+    """One input of the stream: a file or zarr store (``path``) or an AnnData in memory (``adata``).
+
+    ``rows`` (optional) are the file rows of a view: logical row ``i`` is file row ``rows[i]``.
+    ``layer`` reads counts from ``layers/<layer>`` instead of ``X``.
+    """
+
+    name: str
+    n_obs: int
+    var_names: pd.Index
+    path: Path | None = None
+    mod: str | None = None
+    adata: AnnData | None = None
+    layer: str | None = None
+    rows: np.ndarray | None = None
+    _handle: Any = field(default=None, repr=False)
+    _fd: int | None = field(default=None, repr=False)
+    _direct: dict | None = field(default=None, repr=False)
+
+    # -- layout -----------------------------------------------------------------------------
+    @property
+    def prefix(self) -> str:
+        return f"mod/{self.mod}/" if self.mod is not None else ""
+
+    @property
+    def matrix_name(self) -> str:
+        """Where the counts are read from, for messages: ``X`` or ``layers/<layer>``."""
+        return "X" if self.layer is None else f"layers/{self.layer}"
+
+    def physical_rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """File rows of logical rows ``[start, stop)``."""
+        stop = self.n_obs if stop is None else stop
+        if self.rows is None:
+            return np.arange(start, stop, dtype=np.int64)
+        return self.rows[start:stop].copy()
+
+    def _runs(self, start: int, stop: int) -> list[tuple[int, int]]:
+        if self.rows is None:
+            return [(start, stop)] if stop > start else []
+        return runs(self.rows[start:stop])
+
+    def _file(self) -> Any:
+        if self._handle is None or (isinstance(self._handle, h5py.File) and not self._handle.id.valid):
+            if not self.path.exists():
+                raise InputError(f"{self.name}: file no longer exists (it was there when the stream was scanned).")
+            self._handle = open_store(self.path, self.name)
+        return self._handle
+
+    def _matrix(self) -> Any:
+        return self._file()[f"{self.prefix}{self.matrix_name}"]
+
+    def close(self) -> None:
+        if self._handle is not None:
+            close_store(self._handle)
+        self._handle = None
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = None
+        self._direct = None
+
+    def _direct_readers(self, x: Any) -> tuple[DirectDataset, DirectDataset] | None:
+        """GIL-free readers of data and indices, when stored in HDF5 without filters and checked against h5py."""
+        if self._direct is None:
+            self._direct = {"readers": None}
+            if isinstance(x, h5py.Group):
+                data, indices = DirectDataset(x["data"]), DirectDataset(x["indices"])
+                if data.usable and indices.usable:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+                    if data.verify(self._fd, x["data"]) and indices.verify(self._fd, x["indices"]):
+                        self._direct["readers"] = (data, indices)
+                    else:  # e.g. chunk addresses that ignore the userblock (HDF5 < 1.14.4, .h5mu files)
+                        logger.debug(f"{self.name}: positioned reads disagree with h5py; reading through h5py")
+                        os.close(self._fd)
+                        self._fd = None
+        return self._direct["readers"]
+
+    # -- obs --------------------------------------------------------------------------------
+    def obs_columns(self) -> list[str]:
+        if self.adata is not None:
+            return list(self.adata.obs.columns)
+        group = self._file()[f"{self.prefix}obs"]
+        return [k for k in group.keys() if k != group.attrs.get("_index", "_index")]
+
+    def read_labels(self, key: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Obs column ``key`` for logical rows ``[start, stop)``: (str values, None where missing; missing mask)."""
+        stop = self.n_obs if stop is None else stop
+        if self.adata is not None:
+            if key not in self.adata.obs.columns:
+                raise self._missing_column(key)
+            return series_column(self.adata.obs[key].iloc[start:stop])
+        group = self._file()[f"{self.prefix}obs"]
+        if key not in group:
+            raise self._missing_column(key)
+        return self._read_runs(group[key], start, stop, f"{self.name}: obs column {key!r}")
+
+    def read_obs_column(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Values of obs column ``key`` for logical rows ``[start, stop)`` (None where missing)."""
+        return self.read_labels(key, start, stop)[0]
+
+    def read_obs_names(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        stop = self.n_obs if stop is None else stop
+        if self.adata is not None:
+            return self.adata.obs_names[start:stop].to_numpy(dtype=object)
+        group = self._file()[f"{self.prefix}obs"]
+        node = group[group.attrs.get("_index", "_index")]
+        return self._read_runs(node, start, stop, f"{self.name}: obs index")[0]
+
+    def _read_runs(self, node: Any, start: int, stop: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+        parts = [read_column(node, lo, hi, what) for lo, hi in self._runs(start, stop)]
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return np.empty(0, dtype=object), np.zeros(0, dtype=bool)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def read_obs(self, rows: np.ndarray) -> pd.DataFrame:
+        """The full obs rows ``rows`` (physical file rows, sorted, unique) of this source."""
+        if self.adata is not None:
+            return self.adata.obs.iloc[rows].copy()
+        obs = read_elem(self._file()[f"{self.prefix}obs"])
+        return obs.iloc[rows].copy()
+
+    def _missing_column(self, key: str) -> InputError:
+        cols = self.obs_columns()
+        shown = ", ".join(map(repr, cols[:20])) + (" ..." if len(cols) > 20 else "")
+        return InputError(f"{self.name}: obs has no column {key!r} (columns: {shown or 'none'}).")
+
+    # -- counts -----------------------------------------------------------------------------
+    def read_rows(self, start: int, stop: int, buffers: ReadBuffers | None = None) -> CSRBlock:
+        """Logical rows ``[start, stop)`` of the counts as CSR arrays: one contiguous read per run of file rows.
+
+        With ``buffers``, data and indices of a single run are read straight into (views of) those
+        reused arrays, which avoids allocating and faulting in fresh memory for every block.
+        """
+        if self.adata is not None:
+            m = self.adata.X if self.layer is None else self.adata.layers[self.layer]
+            return block_from_matrix(m[start:stop])
+        parts = self._runs(start, stop)
+        if len(parts) == 1:
+            return self._read_file_rows(*parts[0], buffers)
+        return concat_blocks([self._read_file_rows(lo, hi) for lo, hi in parts])
+
+    def _read_file_rows(self, start: int, stop: int, buffers: ReadBuffers | None = None) -> CSRBlock:
+        what = self.matrix_name
+        try:
+            x = self._matrix()
+            if not is_group(x):
+                return block_from_matrix(x[start:stop])
+            ptr = np.asarray(x["indptr"][start : stop + 1])
+            lo, hi = int(ptr[0]), int(ptr[-1])
+            if hi > x["data"].shape[0] or hi > x["indices"].shape[0] or lo > hi or lo < 0:
+                raise InputError(f"{self.name}: {what} is truncated (rows {start}-{stop} point past the stored data).")
+            if buffers is None:
+                data = np.asarray(x["data"][lo:hi])
+                indices = np.asarray(x["indices"][lo:hi])
+            else:
+                data, indices = buffers.take(hi - lo, x["data"].dtype, x["indices"].dtype)
+                direct = self._direct_readers(x)
+                if direct is not None:  # positioned reads release the GIL
+                    direct[0].read_into(self._fd, lo, hi, data)
+                    direct[1].read_into(self._fd, lo, hi, indices)
+                else:
+                    read_slice_into(x["data"], lo, hi, data)
+                    read_slice_into(x["indices"], lo, hi, indices)
+        except InputError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            raise InputError(
+                f"{self.name}: cannot read rows {start}-{stop} of {what} ({e}); is the file truncated?"
+            ) from e
+        return CSRBlock(data, indices, (ptr - lo).astype(np.int64, copy=False))
+
+    def read_rows_at(self, rows: np.ndarray) -> CSRBlock:
+        """Arbitrary sorted physical (file) rows: one contiguous read per run of neighbouring rows."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return empty_block()
+        if self.adata is not None:
+            m = self.adata.X if self.layer is None else self.adata.layers[self.layer]
+            return block_from_matrix(m[rows])
+        return concat_blocks([self._read_file_rows(lo, hi) for lo, hi in runs(rows)])
