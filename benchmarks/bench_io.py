@@ -1,4 +1,4 @@
-"""Chunk reading throughput and memory: raw h5py row blocks vs `pp.iter_chunks` (read + transform).
+"""Chunk reading throughput and memory: raw h5py row blocks vs `pp.iter_chunks` (read + transform), and peers.
 
 Writes (once, cached) a seeded stream of raw counts: 10 files x 10,000 cells x 20,000 genes,
 ~2,000 nonzeros per cell, every other file missing 2% of the genes in a shuffled order. Prints, in one run:
@@ -6,12 +6,20 @@ cells/s of a raw h5py row-block read, cells/s of iter_chunks to 2,000 genes, the
 iterating 10 files vs 100 files (the same cells split 10 ways) and vs 100 files of
 10x the cells (the 10 files linked 10 times each).
 
-    python benchmarks/bench_io.py [--cells-per-file 10000] [--chunk-size 10000]
+Then the loader peers on the same files, each in its own process and environment (benchmarks/peers/,
+see benchmarks/README.md): plain anndata backed + numpy/scipy, scDataset and annbatch, all delivering the
+same model-ready features with labels (checked against ``GeneSpace.transform`` on each run's first batch),
+in file order and shuffled; a table of cells/s, best of 3, and the ratio of sccoreset to each.
+
+    python benchmarks/bench_io.py [--cells-per-file 10000] [--chunk-size 10000] [--no-peers]
+        [--peers-python .venv-peers/bin/python] [--annbatch-python .venv-annbatch/bin/python]
+    python benchmarks/bench_io.py --quick     # small files, peers with two settings each: a smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -44,10 +52,10 @@ def raw_read(files, chunk_size):
     return n / (time.perf_counter() - t0)
 
 
-def chunked_read(files, gs, chunk_size, label_key="cell_type"):
+def chunked_read(files, gs, chunk_size, label_key="cell_type", order="sequential"):
     n = 0
     t0 = time.perf_counter()
-    for chunk in scc.pp.iter_chunks(files, gs, chunk_size=chunk_size, label_key=label_key, prefetch=1):
+    for chunk in scc.pp.iter_chunks(files, gs, chunk_size=chunk_size, label_key=label_key, order=order, prefetch=1):
         n += len(chunk)
     return n / (time.perf_counter() - t0), n
 
@@ -91,13 +99,214 @@ def _linked(files):
     return linked
 
 
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = Path(__file__).resolve().parent / "peers"
+ORDERS = {"sequential": "sequential", "shuffled": "block_shuffle"}  # peers' order -> iter_chunks order
+
+
+def _grid(**axes):
+    keys = list(axes)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
+def peer_settings(quick):
+    """README settings and the tuning grid of each peer, per order."""
+    scd_readme = {"batch_size": 64, "fetch_factor": 8, "block_size": 16, "num_workers": 4, "prefetch_factor": 9}
+    scd_readme["fetch"] = "fancy"  # the README's AnnData example: adata[indices].X
+    annb_readme = {"batch_size": 4096, "chunk_size": 32, "preload_nchunks": 256}
+    if quick:
+        scd = {o: _grid(batch_size=[64], fetch_factor=[16, 256], block_size=[64], num_workers=[0]) for o in ORDERS}
+        annb = [annb_readme, {"batch_size": 4096, "chunk_size": 512, "preload_nchunks": 32}]
+        return {"scDataset": (scd_readme, scd), "annbatch": (annb_readme, dict.fromkeys(ORDERS, annb))}
+    scd = {
+        "sequential": _grid(batch_size=[64], fetch_factor=[16, 64, 256], block_size=[16], num_workers=[0, 1]),
+        "shuffled": _grid(batch_size=[64], fetch_factor=[16, 64, 256], block_size=[4, 64, 1024], num_workers=[0, 1]),
+    }
+    annb = [annb_readme] + [
+        {"batch_size": 4096, "chunk_size": c, "preload_nchunks": p}
+        for c, p in [(512, 32), (256, 64), (1024, 16), (1024, 64)]
+    ]
+    return {"scDataset": (scd_readme, scd), "annbatch": (annb_readme, dict.fromkeys(ORDERS, annb))}
+
+
+class FirstBatchCheck:
+    """Compares a peer's first batch with ``GeneSpace.transform`` of the same cells' raw counts."""
+
+    def __init__(self, files, gs, label_key="cell_type"):
+        import anndata as ad
+        import pandas as pd
+
+        self.files, self.gs, self.label_key = files, gs, label_key
+        self.adatas = [ad.read_h5ad(f, backed="r") for f in files]
+        self.n_cells = sum(a.n_obs for a in self.adatas)
+        self.where = pd.concat(
+            [pd.DataFrame({"file": f, "row": np.arange(a.n_obs)}, index=a.obs_names) for f, a in enumerate(self.adatas)]
+        )
+
+    def __call__(self, path, what):
+        z = np.load(path, allow_pickle=False)
+        X, labels, names = z["X"], z["labels"], z["obs_names"]
+        loc = self.where.loc[names]
+        expect = np.empty_like(X)
+        expect_labels = np.empty(len(names), dtype=object)
+        for f in np.unique(loc["file"]):
+            sel = np.flatnonzero(loc["file"].to_numpy() == f)
+            rows = loc["row"].to_numpy()[sel]
+            a = self.adatas[f]
+            order = np.argsort(rows)
+            expect[sel[order]] = self.gs.transform(a.X[rows[order]], a.var_names)
+            expect_labels[sel] = a.obs[self.label_key].to_numpy()[rows].astype(str)
+        err = float(np.abs(X - expect).max())
+        assert err <= 1e-4, f"{what}: first batch differs from GeneSpace.transform by {err:.2g}"
+        assert (labels == expect_labels).all(), f"{what}: labels of the first batch differ"
+        return err
+
+
+def run_peer(python, script, files, gs_npz, order, settings, repeats, check, what, extra=()):
+    """One peer run in its own process; returns its JSON result (cells/s best of ``repeats``) or None."""
+    first = DATA / "peers" / "first_batch.npz"
+    first.unlink(missing_ok=True)
+    cmd = [
+        python, str(PEERS / script), "--gene-space", str(gs_npz), "--order", order, "--settings",
+        json.dumps(settings), "--repeats", str(repeats), "--first-batch", str(first), *extra, *files,
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        print(f"  {what} {order} {settings}: failed\n    " + "\n    ".join(out.stderr.strip().splitlines()[-8:]))
+        return None
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["cells"] == check.n_cells, f"{what} {order}: {res['cells']} cells delivered of {check.n_cells}"
+    res["max_abs_err"] = check(first, f"{what} {order} {settings}")
+    return res
+
+
+def tuned(python, script, files, gs_npz, order, grid, repeats, check, what, extra=()):
+    """Every setting of ``grid`` once, then the fastest again best of ``repeats``."""
+    trials = []
+    for settings in grid:
+        res = run_peer(python, script, files, gs_npz, order, settings, 1, check, what, extra)
+        if res is not None:
+            print(f"    tuning {what} {order} {settings}: {res['cells_per_s']:,.0f} cells/s")
+            trials.append(res)
+    if not trials:
+        return None
+    best = max(trials, key=lambda r: r["cells_per_s"])["settings"]
+    return run_peer(python, script, files, gs_npz, order, best, repeats, check, what, extra)
+
+
+def _described(res):
+    return f"{json.dumps(res['settings'])}  (first batch vs GeneSpace.transform: max |diff| {res['max_abs_err']:.1e})"
+
+
+def _has(python, module):
+    ok = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True)
+    return ok.returncode == 0
+
+
+def compare_peers(files, gs, args):
+    """sccoreset, a raw h5py read, and the peers in their own processes: cells/s of model-ready features."""
+    print(f"\nloaders side by side ({gs.n_cells:,} cells, best of {args.repeats}; peers in their own processes)")
+    (DATA / "peers").mkdir(exist_ok=True)
+    tag = "quick" if args.quick else "full"
+    gs_npz = DATA / "peers" / f"gene_space_{tag}.npz"
+    np.savez(gs_npz, genes=np.asarray(gs.genes, dtype=str), mean=gs.mean, std=gs.std,
+             target_sum=gs.target_sum, max_value=gs.max_value)  # fmt: skip
+    rows = []  # (loader, order, cells/s, settings)
+    for order, ours in ORDERS.items():
+        rate = max(chunked_read(files, gs, args.chunk_size, order=ours)[0] for _ in range(args.repeats))
+        setting = f"iter_chunks(chunk_size={args.chunk_size}, order={ours!r}, prefetch=1)"
+        rows.append(("sccoreset", order, rate, setting))
+    rows.append(("raw h5py read, no transform", "sequential", max(raw_read(files, args.chunk_size) for _ in range(args.repeats)), f"row blocks of {args.chunk_size}"))  # fmt: skip
+    check = FirstBatchCheck(files, gs)
+    conversion = None
+    py = args.peers_python
+    if not args.peers:
+        pass
+    elif not (py and Path(py).exists()):
+        print(f"  peers skipped: no peers interpreter at {py!r} (make one: see benchmarks/README.md)")
+    else:
+        base = {"chunk_size": args.chunk_size, "block_size": min(args.chunk_size // 8, 1024)}
+        for order in ORDERS:
+            res = run_peer(py, "peer_anndata.py", files, gs_npz, order, base, args.repeats, check, "anndata")
+            if res:
+                rows.append(("anndata backed + numpy", order, res["cells_per_s"], _described(res)))
+        readme, grids = peer_settings(args.quick)["scDataset"]
+        if not _has(py, "scdataset"):
+            print(f"  scDataset skipped: `import scdataset` fails in {py}")
+        else:
+            for order in ORDERS:
+                res = run_peer(py, "peer_scdataset.py", files, gs_npz, order, readme, args.repeats, check, "scDataset")
+                if res:
+                    rows.append(("scDataset, README settings", order, res["cells_per_s"], _described(res)))
+                res = tuned(py, "peer_scdataset.py", files, gs_npz, order, grids[order], args.repeats, check, "scDataset")  # fmt: skip
+                if res:
+                    rows.append(("scDataset, tuned", order, res["cells_per_s"], _described(res)))
+        apy = args.annbatch_python or py
+        if not (Path(apy).exists() and _has(apy, "annbatch")):
+            print(f"  annbatch skipped: `import annbatch` fails in {apy} (annbatch needs Python >= 3.12)")
+        else:
+            store = DATA / "peers" / f"annbatch_{tag}.zarr"
+            out = subprocess.run(
+                [apy, str(PEERS / "peer_annbatch.py"), "--convert", str(store), *files],
+                capture_output=True, text=True, cwd=ROOT,
+            )  # fmt: skip
+            if out.returncode != 0:
+                print("  annbatch conversion failed:\n    " + "\n    ".join(out.stderr.strip().splitlines()[-8:]))
+            else:
+                conversion = json.loads(out.stdout.strip().splitlines()[-1])
+                readme, grids = peer_settings(args.quick)["annbatch"]
+                extra = ("--collection", str(store))
+                for order in ORDERS:
+                    res = run_peer(apy, "peer_annbatch.py", files, gs_npz, order, readme, args.repeats, check, "annbatch", extra)  # fmt: skip
+                    if res:
+                        rows.append(("annbatch, README settings", order, res["cells_per_s"], _described(res)))  # fmt: skip
+                    res = tuned(apy, "peer_annbatch.py", files, gs_npz, order, grids[order], args.repeats, check, "annbatch", extra)  # fmt: skip
+                    if res:
+                        rows.append(("annbatch, tuned", order, res["cells_per_s"], _described(res)))
+
+    ours = {o: r for name, o, r, _ in rows if name == "sccoreset"}
+    print(f"\n| {'loader':<30} | {'order':<10} | {'cells/s':>9} | sccoreset / it |")
+    print(f"|{'-' * 32}|{'-' * 12}|{'-' * 11}|{'-' * 16}|")
+    for name, order, rate, _ in rows:
+        ratio = ours[order] / rate if order in ours else float("nan")
+        print(f"| {name:<30} | {order:<10} | {rate:>9,.0f} | {ratio:>14.2f} |")
+    if conversion:
+        print(
+            f"annbatch conversion to its sharded zarr collection: {conversion['seconds']:.1f} s, "
+            f"{conversion['bytes'] / 1e9:.2f} GB on disk (the .h5ad files: {sum(os.path.getsize(f) for f in files) / 1e9:.2f} GB)"
+        )
+    print("settings:")
+    for name, order, _, setting in rows:
+        print(f"  {name}, {order}: {setting}")
+    for order in ORDERS:
+        peers = [r for name, o, r, _ in rows if o == order and name.split(",")[0] in ("scDataset", "annbatch")]
+        if peers:
+            ratio = ours[order] / max(peers)
+            verdict = "meets" if ratio >= 1.5 else "misses"
+            print(f"bar, {order}: sccoreset / best of scDataset and annbatch = {ratio:.2f} ({verdict} the 1.5x bar)")
+
+
+def _venv_python(name):
+    path = ROOT / name / "bin" / "python"
+    return str(path) if path.exists() else None
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--cells-per-file", type=int, default=10_000)
     p.add_argument("--n-files", type=int, default=10)
     p.add_argument("--chunk-size", type=int, default=10_000)
     p.add_argument("--rss-child", nargs="+")
+    p.add_argument("--repeats", type=int, default=3, help="best of this many passes in the loader table")
+    p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True, help="run the loader peers")
+    p.add_argument("--peers-python", default=_venv_python(".venv-peers"), help="interpreter with scdataset")
+    p.add_argument(
+        "--annbatch-python", default=_venv_python(".venv-annbatch"), help="interpreter with annbatch (Python >= 3.12)"
+    )
+    p.add_argument("--quick", action="store_true", help="small files, two settings per peer: a smoke test")
     args = p.parse_args()
+    if args.quick:
+        args.n_files, args.cells_per_file, args.chunk_size = 3, 2000, 2000
     if args.rss_child:
         gs_path, *files = args.rss_child
         rss_child(files, gs_path, args.chunk_size)
@@ -107,7 +316,7 @@ def main():
 
     t0 = time.perf_counter()
     stream = scc.datasets.synthetic_stream(
-        DATA / "io",
+        DATA / ("io_quick" if args.quick else "io"),
         n_files=args.n_files,
         cells_per_file=args.cells_per_file,
         n_genes=20_000,
@@ -129,6 +338,9 @@ def main():
 
     raw_read(files, args.chunk_size)  # warm the page cache and numba
     chunked_read(files[:1], gs, args.chunk_size)
+    if args.quick:
+        compare_peers(files, gs, args)
+        return
     compare_throughput(
         "one pass over the 10 files (100,000 cells; opening the files and the first, unoverlapped chunk included):",
         files, gs, args.chunk_size, repeats=5,
@@ -173,6 +385,7 @@ def main():
     print(
         f"peak RSS growth, 10x files and cells:    {100 * (peaks['100 files, 10x cells'] / peaks['10 files'] - 1):+.1f}%"
     )
+    compare_peers(files, gs, args)
 
 
 if __name__ == "__main__":
