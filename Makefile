@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup test demo bench docs lint clean
+.PHONY: setup test test-min demo bench docs lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=10 --nbmake --nbmake-timeout=600 tests notebooks -p no:cacheprovider
+
+# the suite against the declared minimum versions, in its own venv (.venv-min)
+test-min:
+	bash .ci/min_versions.sh
 
 demo: $(STAMP)
 	$(PY) -m sccoreset.demo --out demo_output
@@ -36,4 +40,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks && $(VENV)/bin/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) docs/_build docs/generated demo_output
+	rm -rf $(VENV) .venv-min docs/_build docs/generated demo_output

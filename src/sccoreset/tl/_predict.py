@@ -41,7 +41,15 @@ def predict(
     """Predict labels of new cells with the classifier stored in ``coreset``, as CellTypist annotates.
 
     ``adata`` is transformed through the coreset's gene space (genes matched by name, missing genes
-    as zeros), exactly as the training chunks were.
+    as zeros), exactly as the training chunks were. Written into ``adata``:
+
+    - ``obs[f"{key_added}_prediction"]``: the predicted class (categorical over the coreset's classes);
+    - ``obs[f"{key_added}_confidence"]``: the probability of the predicted class;
+    - ``obsm[f"{key_added}_probabilities"]``: every class's probability, a DataFrame with the classes as
+      columns and ``obs_names`` as index;
+    - ``obs[f"{key_added}_majority_voting"]`` (with ``majority_voting=True``): the most frequent prediction
+      within the cell's cluster;
+    - ``uns[key_added]``: ``{"params": ..., "classes": ...}``, how the prediction was made.
 
     Parameters
     ----------
@@ -56,7 +64,7 @@ def predict(
     batch_size
         Cells per forward pass.
     key_added
-        Prefix of the outputs (see Returns).
+        Prefix of the outputs (listed above).
     over_clustering
         obs column of a clustering (e.g. ``"leiden"``) for ``majority_voting``; sccoreset does not cluster.
     majority_voting
@@ -69,18 +77,7 @@ def predict(
 
     Returns
     -------
-    None, or the annotated copy when ``copy=True``. Written:
-
-    ``obs[f"{key_added}_prediction"]``
-        Predicted class (categorical over the coreset's classes).
-    ``obs[f"{key_added}_confidence"]``
-        Probability of the predicted class.
-    ``obsm[f"{key_added}_probabilities"]``
-        DataFrame of every class's probability (columns: classes, index: obs_names).
-    ``obs[f"{key_added}_majority_voting"]``
-        With ``majority_voting=True``: the most frequent prediction within the cell's cluster.
-    ``uns[key_added]``
-        ``{"params": ..., "classes": ...}``: how the prediction was made.
+    None, or the annotated copy when ``copy=True``.
 
     Examples
     --------
