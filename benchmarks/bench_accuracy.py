@@ -18,9 +18,11 @@ import numpy as np
 import torch
 
 import sccoreset as scc
-from sccoreset._engine._loop import ChunkData, EngineConfig, run, train_epochs
+from sccoreset._config import StreamConfig
+from sccoreset._engine._loop import ChunkData, StreamLoop
 from sccoreset._engine._metrics import classification_metrics
 from sccoreset._engine._model import build_model, mlp_spec
+from sccoreset._engine._train import make_optimizer, train_epochs
 
 DATA = Path(__file__).parent / "_data"
 
@@ -29,6 +31,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="3 files x 3,000 cells, for a smoke run")
     p.add_argument("--configs", nargs="*", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=None, help="default: StreamConfig's")
+    p.add_argument("--lr", type=float, default=None, help="default: StreamConfig's")
     args = p.parse_args()
     n_files, per_file = (4, 3000) if args.quick else (10, 10_000)
     t0 = time.perf_counter()
@@ -66,6 +71,7 @@ def main():
             )
 
     results = {}
+    tuning = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
 
     def report(name, metrics, seconds):
         results[name] = metrics
@@ -78,11 +84,18 @@ def main():
 
     def engine_run(name, **kw):
         t = time.perf_counter()
-        cfg = EngineConfig(n_classes=len(classes), **{"buffer_size": buffer, "epochs_per_step": epochs, **kw})
+        opts = {"chunk_size": chunk, "buffer_size": buffer, "epochs_per_step": epochs, **tuning, **kw}
+        cfg = StreamConfig(**{**opts, "buffer_size": max(opts["buffer_size"], 1)})
+        if opts["buffer_size"] == 0:  # naive streaming: the config refuses an empty buffer, the engine does not
+            object.__setattr__(cfg, "buffer_size", 0)
         torch.manual_seed(0)
         model = build_model(mlp_spec(gs.n_genes, len(classes)))
-        events = list(run(chunks(), model, cfg, eval_set=(Xe, ye), rng=np.random.default_rng(0)))
-        report(name, events[-1], time.perf_counter() - t)
+        loop = StreamLoop(
+            model, cfg, n_classes=len(classes), device=args.device, eval_set=(Xe, ye), rng=np.random.default_rng(0)
+        )
+        for _ in loop.steps(chunks()):
+            pass
+        report(name, loop.finish(), time.perf_counter() - t)
 
     wanted = set(args.configs) if args.configs else None
 
@@ -95,12 +108,17 @@ def main():
         y = np.concatenate([c.y for c in chunks()])
         torch.manual_seed(0)
         model = build_model(mlp_spec(gs.n_genes, len(classes)))
-        cfg = EngineConfig(n_classes=len(classes), balance_loss=True)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-        train_epochs(model, opt, X, y, epochs=epochs, cfg=cfg, generator=torch.Generator().manual_seed(0))
+        cfg = StreamConfig(**tuning)
+        model.to(args.device)
+        opt = make_optimizer(model, cfg.lr)
+        train_epochs(
+            model, opt, torch.from_numpy(X).to(args.device), torch.from_numpy(y).to(args.device), epochs=epochs,
+            batch_size=cfg.batch_size, n_classes=len(classes), generator=torch.Generator().manual_seed(0),
+            balance_loss=True,
+        )  # fmt: skip
         model.eval()
         with torch.no_grad():
-            pred = model(torch.from_numpy(Xe)).argmax(1).numpy()
+            pred = model(torch.from_numpy(Xe).to(args.device)).argmax(1).cpu().numpy()
         report("offline (all cells in memory)", classification_metrics(ye, pred, len(classes)), time.perf_counter() - t)
         del X, y
     # plain replay: random cells, stratified by class within the current merge, plain loss

@@ -83,8 +83,8 @@ def test_sigkill_and_resume_gives_the_uninterrupted_coreset(tmp_path, small_stre
     _assert_same(resumed, straight)
     import anndata as ad
 
-    p1 = scc.tl.predict(ad.read_h5ad(holdout), resumed, copy=True).obs["sccoreset_prediction_probability"]
-    p2 = scc.tl.predict(ad.read_h5ad(holdout), straight, copy=True).obs["sccoreset_prediction_probability"]
+    p1 = scc.tl.predict(ad.read_h5ad(holdout), resumed, copy=True).obs["sccoreset_confidence"]
+    p2 = scc.tl.predict(ad.read_h5ad(holdout), straight, copy=True).obs["sccoreset_confidence"]
     np.testing.assert_array_equal(p1.to_numpy(), p2.to_numpy())
 
 

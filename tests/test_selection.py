@@ -5,7 +5,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sccoreset._engine._selection import RULES, class_budgets, coverage_order, select
+from sccoreset._config import Rule, choices
+from sccoreset._engine._selection import class_budgets, coverage_order, select
+
+RULES = choices(Rule)
 
 settings.register_profile("ci", max_examples=150, deadline=None)
 settings.load_profile("ci")

@@ -70,7 +70,7 @@ def test_write_read_predict_round_trip(tmp_path, trained, small_stream):
     a = scc.tl.predict(hold, trained, copy=True)
     b = scc.tl.predict(hold, back, copy=True)
     np.testing.assert_array_equal(a.obs["sccoreset_prediction"], b.obs["sccoreset_prediction"])
-    np.testing.assert_allclose(a.obs["sccoreset_prediction_probability"], b.obs["sccoreset_prediction_probability"])
+    np.testing.assert_allclose(a.obs["sccoreset_confidence"], b.obs["sccoreset_confidence"])
     assert "sccoreset_prediction" not in hold.obs
     assert scc.tl.predict(hold, back) is None
     # predictions from the stored model and gene space match the evaluation made during training

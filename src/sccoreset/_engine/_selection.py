@@ -6,16 +6,10 @@ per-chunk caps and backfilling are applied on top of that order, so all rules sh
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 
+from .._config import ClassBudget, Rule, check_choice
 from .._errors import InputError
-
-Rule = Literal["top", "weighted", "forgetting", "random", "coverage"]
-RULES = ("top", "weighted", "forgetting", "random", "coverage")
-ClassBudget = Literal["proportional", "balanced", "merged"]
-CLASS_BUDGETS = ("balanced", "proportional", "merged")
 
 
 def class_budgets(
@@ -46,7 +40,7 @@ def class_budgets(
     elif class_budget == "proportional":
         weights = np.where(seen, np.maximum(np.asarray(seen_counts, dtype=np.float64), 1.0), 0.0)
     else:
-        raise InputError(f"class_budget must be one of {CLASS_BUDGETS}, got {class_budget!r}.")
+        check_choice("class_budget", class_budget, ClassBudget)
     budget = np.minimum(available, min_per_class) * seen
     if budget.sum() > total:  # the floor alone does not fit: spread it evenly
         budget = np.zeros_like(available)
@@ -80,6 +74,11 @@ def _efraimidis_spirakis(weights: np.ndarray, rng: np.random.Generator) -> np.nd
     return np.argsort(-keys, kind="stable")
 
 
+def _ranked(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices by ascending score, equal scores in random order (not by position, which favours the buffer)."""
+    return np.lexsort((rng.random(scores.size), scores))
+
+
 def coverage_order(scores: np.ndarray, k: int, drop_hard: float, rng: np.random.Generator) -> np.ndarray:
     """``k`` cells evenly spaced over the score range after dropping the hardest ``drop_hard`` fraction.
 
@@ -87,7 +86,7 @@ def coverage_order(scores: np.ndarray, k: int, drop_hard: float, rng: np.random.
     last (used only to backfill).
     """
     n = scores.size
-    order = np.argsort(scores, kind="stable")  # ascending: hardest first
+    order = _ranked(scores, rng)  # ascending: hardest first
     n_hard = min(int(np.floor(drop_hard * n)), max(n - k, 0))
     hard, easy = order[:n_hard], order[n_hard:]
     k = min(k, easy.size)
@@ -112,7 +111,7 @@ def priority_order(
     """A permutation of ``range(len(scores))``: the order in which ``rule`` wants to keep cells."""
     n = scores.size
     if rule == "top":
-        return np.argsort(-scores, kind="stable")
+        return _ranked(-scores, rng)
     if rule == "random":
         return rng.permutation(n)
     if rule == "weighted":
@@ -125,7 +124,8 @@ def priority_order(
         return _efraimidis_spirakis(np.asarray(forgetting, dtype=np.float64) + 0.1, rng)
     if rule == "coverage":
         return coverage_order(scores, k, drop_hard, rng)
-    raise InputError(f"rule must be one of {RULES}, got {rule!r}.")
+    check_choice("rule", rule, Rule)
+    raise AssertionError(rule)
 
 
 def select(
@@ -161,7 +161,7 @@ def select(
     seen_counts
         Cells of each class seen so far in the stream (defaults to the candidates' counts).
     rule
-        How cells are ranked within a class (see :data:`RULES`).
+        How cells are ranked within a class (see :data:`sccoreset._config.Rule`).
     class_budget, min_per_class
         See :func:`class_budgets`.
     chunk_ids, max_chunk_fraction
@@ -183,6 +183,7 @@ def select(
         raise InputError("select: labels and scores must have the same length.")
     if m < 0:
         raise InputError(f"buffer_size must be non-negative, got {m}.")
+    check_choice("rule", rule, Rule)
     rng = np.random.default_rng() if rng is None else rng
     forgetting = np.zeros(n) if forgetting is None else np.asarray(forgetting)
     available = np.bincount(labels, minlength=n_classes)
@@ -208,17 +209,16 @@ def _take_with_caps(order: np.ndarray, k: int, chunk_ids: np.ndarray | None, max
         return order[:k]
     cap = max(1, int(np.ceil(max_fraction * k)))
     chunks = np.asarray(chunk_ids)[order]
-    taken = np.zeros(order.size, dtype=bool)
-    counts: dict[int, int] = {}
-    n_taken = 0
-    for i, ch in enumerate(chunks):
-        if n_taken == k:
-            break
-        if counts.get(ch, 0) < cap:
-            counts[ch] = counts.get(ch, 0) + 1
-            taken[i] = True
-            n_taken += 1
-    if n_taken < k:  # backfill: the cap cannot be met with the cells there are
-        rest = np.flatnonzero(~taken)[: k - n_taken]
-        taken[rest] = True
+    # rank of each cell among the earlier cells (in priority order) of its chunk
+    by_chunk = np.argsort(chunks, kind="stable")
+    sorted_chunks = chunks[by_chunk]
+    starts = np.flatnonzero(np.r_[True, sorted_chunks[1:] != sorted_chunks[:-1]])
+    group_start = np.repeat(starts, np.diff(np.r_[starts, chunks.size]))
+    rank = np.empty(chunks.size, dtype=np.int64)
+    rank[by_chunk] = np.arange(chunks.size) - group_start
+    taken = rank < cap
+    taken &= np.cumsum(taken) <= k
+    short = k - int(taken.sum())
+    if short > 0:  # backfill: the cap cannot be met with the cells there are
+        taken[np.flatnonzero(~taken)[:short]] = True
     return order[taken]

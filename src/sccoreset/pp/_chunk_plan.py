@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 
+from .._config import Order, check_choice
 from .._errors import InputError
 
 Segment = tuple[int, int, int]  # (file index, start row, stop row)
-Order = Literal["sequential", "block_shuffle"]
-ORDERS = ("sequential", "block_shuffle")
 
 
 def _cut(blocks: list[Segment], chunk_size: int) -> list[list[Segment]]:
@@ -60,12 +58,12 @@ def plan_chunks(
     """
     if chunk_size <= 0:
         raise InputError(f"chunk_size must be positive, got {chunk_size}.")
-    if order not in ORDERS:
-        raise InputError(f"order must be one of {ORDERS}, got {order!r}.")
+    check_choice("order", order, Order)
     if order == "sequential":
         return _cut([(f, 0, int(n)) for f, n in enumerate(n_obs) if n > 0], chunk_size)
-    block_size = block_size or max(1, min(chunk_size // 8, 1024))
-    if block_size <= 0:
+    if block_size is None:
+        block_size = max(1, min(chunk_size // 8, 1024))
+    elif block_size <= 0:
         raise InputError(f"block_size must be positive, got {block_size}.")
     blocks = [(f, s, min(s + block_size, int(n))) for f, n in enumerate(n_obs) for s in range(0, int(n), block_size)]
     rng = np.random.default_rng() if rng is None else rng

@@ -1,4 +1,9 @@
-"""Atomic checkpoints of the whole loop state, and the checks that a resume continues the same run."""
+"""Atomic checkpoints of the whole loop state as plain arrays, and the checks that a resume continues the same run.
+
+A checkpoint holds only tensors, numbers, strings, lists and dicts (numpy arrays are stored as
+tensors, string arrays as lists), so it loads with ``torch.load(weights_only=True)``: no pickled
+classes, nothing executed on load.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .._errors import InputError
 from .._io._sources import Source
 
 CHECKPOINT_NAME = "sccoreset_checkpoint.pt"
-FORMAT_VERSION = 1
-# parameters that may change between the interrupted run and its resume without changing the result
-NOT_COMPARED = ("progress", "prefetch", "checkpoint_dir", "checkpoint_every", "resume", "device")
+SCHEMA_VERSION = 2
+_STRINGS = "__strings__"
+_TUPLE = "__tuple__"
+# subtrees that stay torch tensors when read back (the rest become numpy arrays again)
+_TORCH_KEYS = ("model", "optimizer", "generator", "torch_rng", "cuda_rng")
 
 
 def files_fingerprint(sources: Sequence[Source]) -> list[dict[str, Any]]:
@@ -24,13 +32,50 @@ def files_fingerprint(sources: Sequence[Source]) -> list[dict[str, Any]]:
     for s in sources:
         entry = {"name": s.name, "n_obs": int(s.n_obs), "n_vars": len(s.var_names)}
         if s.path is not None:
-            entry["bytes"] = s.path.stat().st_size
+            entry["bytes"] = _size_on_disk(Path(s.path))
         out.append(entry)
     return out
 
 
-def comparable_params(params: Mapping[str, Any]) -> dict[str, str]:
-    return {k: repr(v) for k, v in params.items() if k not in NOT_COMPARED}
+def _size_on_disk(path: Path) -> int:
+    if path.is_dir():  # a zarr store
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def encode(obj: Any) -> Any:
+    """Plain, ``weights_only``-loadable form: arrays as tensors, string arrays as tagged lists."""
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind in "OUS":
+            return {_STRINGS: [str(v) for v in obj.tolist()]}
+        return torch.from_numpy(np.ascontiguousarray(obj).copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Mapping):
+        # int keys stay ints: the optimizer's state is keyed by parameter index
+        return {(k if isinstance(k, int) else str(k)): encode(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return {_TUPLE: [encode(v) for v in obj]}
+    if isinstance(obj, list):
+        return [encode(v) for v in obj]
+    if obj is None or isinstance(obj, bool | int | float | str | torch.Tensor):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")
+
+
+def decode(obj: Any, *, keep_tensors: bool = False) -> Any:
+    """Inverse of :func:`encode`."""
+    if isinstance(obj, torch.Tensor):
+        return obj if keep_tensors else obj.numpy()
+    if isinstance(obj, dict):
+        if set(obj) == {_STRINGS}:
+            return np.asarray(obj[_STRINGS], dtype=object)
+        if set(obj) == {_TUPLE}:
+            return tuple(decode(v, keep_tensors=keep_tensors) for v in obj[_TUPLE])
+        return {k: decode(v, keep_tensors=keep_tensors or k in _TORCH_KEYS) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode(v, keep_tensors=keep_tensors) for v in obj]
+    return obj
 
 
 def write_checkpoint(directory: str | os.PathLike, payload: dict[str, Any]) -> Path:
@@ -40,7 +85,7 @@ def write_checkpoint(directory: str | os.PathLike, payload: dict[str, Any]) -> P
     final = directory / CHECKPOINT_NAME
     tmp = directory / f".{CHECKPOINT_NAME}.{os.getpid()}.tmp"
     with open(tmp, "wb") as fh:
-        torch.save({"version": FORMAT_VERSION, **payload}, fh)
+        torch.save(encode({"schema_version": SCHEMA_VERSION, **payload}), fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, final)
@@ -58,24 +103,26 @@ def read_checkpoint(directory: str | os.PathLike) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        # our own file, holding numpy arrays and the optimizer state: not restricted to weights
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # any failure to unpickle means an unusable checkpoint
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
         raise InputError(f"{path}: cannot read the checkpoint ({e}).") from e
-    if payload.get("version") != FORMAT_VERSION:
-        raise InputError(f"{path}: checkpoint format {payload.get('version')} is not {FORMAT_VERSION}.")
-    return payload
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise InputError(
+            f"{path}: checkpoint schema {version} is not {SCHEMA_VERSION} (written by another sccoreset version); "
+            "start afresh without resume=True or with another checkpoint_dir."
+        )
+    return decode(raw)
 
 
 def check_same_run(
-    payload: Mapping[str, Any], params: Mapping[str, Any], files: list[dict[str, Any]], where: Path
+    payload: Mapping[str, Any], params: Mapping[str, str], files: list[dict[str, Any]], where: Path
 ) -> None:
     """Refuse to resume a checkpoint made with other parameters or other files, saying which differ."""
     saved = payload["params"]
-    now = comparable_params(params)
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    diff = sorted(k for k in set(saved) | set(params) if saved.get(k) != params.get(k))
     if diff:
-        shown = ", ".join(f"{k} (checkpoint {saved.get(k)}, now {now.get(k)})" for k in diff[:8])
+        shown = ", ".join(f"{k} (checkpoint {saved.get(k)}, now {params.get(k)})" for k in diff[:8])
         raise InputError(f"resume: {where} was made with different parameters: {shown}.")
     if payload["files"] != files:
         before = {f["name"]: f for f in payload["files"]}

@@ -1,0 +1,294 @@
+# ruff: noqa: RUF009 (option fields are made by _opt, a dataclasses.field with documentation)
+"""The one typed configuration of a streaming-coreset run: names, types, defaults and checks in one place.
+
+`tl.stream_train`, the engine, the parameters stored in ``uns``, the resume check and the command line
+all read their options from :class:`StreamConfig`; a choice parameter's allowed values come from its
+``Literal`` type alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import numpy as np
+
+from ._errors import InputError
+
+Score = Literal["aum", "confidence", "forgetting", "loss"]
+Rule = Literal["coverage", "top", "weighted", "forgetting", "random"]
+ClassBudget = Literal["balanced", "proportional", "merged"]
+Order = Literal["sequential", "block_shuffle"]
+MissingLabels = Literal["skip", "error"]
+
+RandomState = int | np.random.Generator | None
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The allowed values of a ``Literal`` type."""
+    return tuple(get_args(literal))
+
+
+def check_choice(name: str, value: Any, literal: Any) -> None:
+    allowed = choices(literal)
+    if value not in allowed:
+        raise InputError(f"{name} must be one of {allowed}, got {value!r}.")
+
+
+def _opt(default: Any, doc: str, *, compared: bool = True, **kw: Any) -> Any:
+    """A configuration field: its default, its one-line documentation and whether resume compares it."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: default, metadata={"doc": doc, "compared": compared, **kw})
+    return field(default=default, metadata={"doc": doc, "compared": compared, **kw})
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamConfig:
+    """Options of :func:`sccoreset.tl.stream_train`, validated once, with the single set of defaults.
+
+    Every field is also a keyword argument of ``stream_train`` and a ``--dashed-flag`` of
+    ``python -m sccoreset train``. Fields marked ``compared`` must match when a run is resumed.
+    """
+
+    # -- the stream --------------------------------------------------------------------------
+    chunk_size: int = _opt(10_000, "Cells read per step (k).")
+    buffer_size: int = _opt(2_000, "Cells kept between steps (m), and the size of the returned coreset.")
+    order: Order = _opt(
+        "sequential",
+        "Chunk composition: ``'sequential'`` (files and rows in order) or ``'block_shuffle'`` (blocks of "
+        "``block_size`` rows from all files shuffled into chunks).",
+    )
+    block_size: int | None = _opt(
+        None, "Rows per block for ``order='block_shuffle'`` (default min(chunk_size // 8, 1024))."
+    )
+    n_top_genes: int = _opt(2000, "Highly variable genes to select when the gene space is fitted by the call.")
+    layer: str | None = _opt(None, "Read raw counts from ``layers[layer]`` instead of ``X``.")
+    mod: str | None = _opt(None, "Modality to read from MuData inputs.")
+    missing_labels: MissingLabels = _opt(
+        "skip",
+        "Cells whose label is missing (NaN): ``'skip'`` leaves them out with a warning counting them per "
+        "file, ``'error'`` refuses the stream. A missing label never becomes a class.",
+    )
+    # -- the model and its training ----------------------------------------------------------
+    epochs_per_step: int = _opt(5, "Epochs over the buffer and the chunk at every step.")
+    batch_size: int = _opt(256, "Minibatch size.")
+    hidden: tuple[int, ...] = _opt((256, 128), "Hidden layer sizes of the default MLP.")
+    lr: float = _opt(1e-3, "AdamW learning rate.")
+    balance_loss: bool = _opt(True, "Weight the loss by inverse class frequency within each merged set.")
+    distill: float = _opt(0.5, "Weight of the logit-replay loss on buffer cells (0 turns it off).")
+    final_epochs: int = _opt(5, "Epochs on the final buffer alone after the stream ends (0: none).")
+    # -- selection ---------------------------------------------------------------------------
+    score: Score = _opt(
+        "aum",
+        "Training dynamic that ranks cells: ``'aum'`` (mean margin), ``'confidence'``, ``'forgetting'`` or ``'loss'``.",
+    )
+    rule: Rule = _opt(
+        "coverage",
+        "Selection rule within a class: ``'coverage'`` (evenly over the score range after dropping the "
+        "hardest ``drop_hard``), ``'top'``, ``'weighted'``, ``'forgetting'``, ``'random'``.",
+    )
+    class_budget: ClassBudget = _opt(
+        "balanced",
+        "``'balanced'`` (equal per class seen so far), ``'proportional'`` (to class counts seen so far) or "
+        "``'merged'`` (to class counts in the current merge: plain stratified sampling, a baseline).",
+    )
+    min_per_class: int = _opt(0, "Floor of every seen class's budget.")
+    max_chunk_fraction: float | None = _opt(
+        0.3,
+        "At most this fraction of a class's budget from one chunk (backfilled when it cannot be met); None: no cap.",
+    )
+    score_decay: float | None = _opt(
+        None, "Lower buffer cells' scores by this many score standard deviations per step of age."
+    )
+    drop_hard: float = _opt(0.1, "Fraction of the hardest cells the coverage rule leaves out.")
+    random_state: RandomState = _opt(
+        0, "Seed of everything: chunk order, shuffling, selection and model initialisation (int or numpy Generator)."
+    )
+    # -- running (may change between an interrupted run and its resume) -----------------------
+    device: str | None = _opt(None, "``'cuda'``, ``'mps'`` or ``'cpu'``; default the first available.", compared=False)
+    cuda_graphs: bool = _opt(
+        True,
+        "On a GPU, replay each minibatch step from a captured CUDA graph (launch overhead, not arithmetic, "
+        "bounds a small model's step); False trains eagerly.",
+        compared=False,
+    )
+    compile: bool = _opt(
+        False,
+        "On a GPU, fuse the step's elementwise work with torch.compile (about a minute of compilation at the start).",
+        compared=False,
+    )
+    prefetch: int = _opt(1, "Chunks read ahead in the background (0: read in the calling thread).", compared=False)
+    checkpoint_dir: str | None = _opt(
+        None,
+        "Write the whole loop state to this folder every ``checkpoint_every`` steps, atomically.",
+        compared=False,
+    )
+    checkpoint_every: int = _opt(1, "Steps between checkpoints (the last step is always written).", compared=False)
+    resume: bool = _opt(
+        False,
+        "Continue from the checkpoint in ``checkpoint_dir`` if there is one (else start afresh); other "
+        "compared options or files are refused, naming what differs.",
+        compared=False,
+    )
+    key_added: str = _opt(
+        "sccoreset", "Key of the record in ``uns`` and prefix of the obs columns of the coreset.", compared=False
+    )
+    progress: bool = _opt(True, "Show a progress bar over the steps.", compared=False)
+    _seed_key: int | str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
+            object.__setattr__(self, "checkpoint_dir", os.fspath(self.checkpoint_dir))
+        object.__setattr__(self, "hidden", tuple(self.hidden))
+        self._validate()
+        # a Generator's state changes as the run draws from it: take its key once, at the start
+        object.__setattr__(self, "_seed_key", self._make_seed_key())
+
+    # -- validation ---------------------------------------------------------------------------
+    def _validate(self) -> None:
+        for name in ("chunk_size", "buffer_size", "epochs_per_step", "batch_size", "n_top_genes", "checkpoint_every"):
+            _check_int(name, getattr(self, name), low=1)
+        for name in ("min_per_class", "final_epochs", "prefetch"):
+            _check_int(name, getattr(self, name), low=0)
+        if self.block_size is not None:
+            _check_int("block_size", self.block_size, low=1)
+        if not all(isinstance(h, int | np.integer) and not isinstance(h, bool) and h > 0 for h in self.hidden):
+            raise InputError(f"hidden must be a tuple of positive ints, got {self.hidden!r}.")
+        _check_number("lr", self.lr, low=0.0, low_open=True)
+        _check_number("distill", self.distill, low=0.0)
+        if self.score_decay is not None:
+            _check_number("score_decay", self.score_decay, low=0.0)
+        _check_number("drop_hard", self.drop_hard, low=0.0, high=1.0)
+        if self.max_chunk_fraction is not None:
+            _check_number(
+                "max_chunk_fraction", self.max_chunk_fraction, low=0.0, low_open=True, high=1.0, high_closed=True
+            )
+        check_choice("score", self.score, Score)
+        check_choice("rule", self.rule, Rule)
+        check_choice("class_budget", self.class_budget, ClassBudget)
+        check_choice("order", self.order, Order)
+        check_choice("missing_labels", self.missing_labels, MissingLabels)
+        for name in ("balance_loss", "resume", "progress", "cuda_graphs", "compile"):
+            if not isinstance(getattr(self, name), bool | np.bool_):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if not isinstance(self.random_state, int | np.integer | np.random.Generator | type(None)) or isinstance(
+            self.random_state, bool
+        ):
+            raise InputError(f"random_state must be an int, a numpy Generator or None, got {self.random_state!r}.")
+        if self.buffer_size >= self.chunk_size:
+            raise InputError(f"buffer_size ({self.buffer_size}) must be smaller than chunk_size ({self.chunk_size}).")
+        if self.resume and self.checkpoint_dir is None:
+            raise InputError("resume=True needs checkpoint_dir.")
+        if not isinstance(self.key_added, str) or not self.key_added:
+            raise InputError(f"key_added must be a non-empty string, got {self.key_added!r}.")
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_options(cls, config: StreamConfig | None = None, /, **options: Any) -> StreamConfig:
+        """``config`` (or the defaults) with ``options`` replaced; an unknown option name is an error."""
+        names = option_names()
+        unknown = [k for k in options if k not in names]
+        if unknown:
+            hints = [difflib.get_close_matches(k, names, n=1) for k in unknown]
+            said = ", ".join(
+                f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in zip(unknown, hints, strict=True)
+            )
+            raise InputError(f"unknown option {said}; the options are those of sccoreset.tl.StreamConfig.")
+        if config is None:
+            return cls(**options)
+        if not isinstance(config, StreamConfig):
+            raise InputError(f"config must be a StreamConfig, got {type(config).__name__}.")
+        return dataclasses.replace(config, **options)
+
+    # -- what is stored and compared ------------------------------------------------------------
+    def random_state_key(self) -> int | str | None:
+        """The seed as a comparable value: the int, or a digest of a Generator's state when the run started."""
+        return self._seed_key
+
+    def _make_seed_key(self) -> int | str | None:
+        rs = self.random_state
+        if isinstance(rs, np.random.Generator):
+            state = json.dumps(rs.bit_generator.state, sort_keys=True, default=str)
+            return f"Generator({type(rs.bit_generator).__name__}, {hashlib.sha1(state.encode()).hexdigest()[:16]})"
+        return None if rs is None else int(rs)
+
+    def comparable(self) -> dict[str, str]:
+        """The options a resume must match, as strings."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name.startswith("_"):
+                continue
+            if f.metadata.get("compared", True):
+                value = self.random_state_key() if f.name == "random_state" else getattr(self, f.name)
+                out[f.name] = repr(value)
+        return out
+
+    def to_uns(self) -> dict[str, Any]:
+        """Every option as a value .h5ad can store (None as the string ``"None"``, tuples as JSON)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name.startswith("_"):
+                continue
+            v = self.random_state_key() if f.name == "random_state" else getattr(self, f.name)
+            if v is None:
+                out[f.name] = "None"
+            elif isinstance(v, bool | int | float | str | np.integer | np.floating):
+                out[f.name] = v
+            else:
+                out[f.name] = json.dumps(list(v)) if isinstance(v, tuple | list) else str(v)
+        return out
+
+
+def option_fields() -> list[dataclasses.Field]:
+    """The public option fields of :class:`StreamConfig`, in order."""
+    return [f for f in dataclasses.fields(StreamConfig) if not f.name.startswith("_")]
+
+
+def option_names() -> list[str]:
+    return [f.name for f in option_fields()]
+
+
+def options_doc(indent: str = "    ") -> str:
+    """The options as numpydoc parameter entries (used in docstrings; ``--help`` uses the same text)."""
+    lines = []
+    for f in option_fields():
+        lines += [f"{indent}{f.name}", f"{indent}    {f.metadata['doc']} Default ``{f.default!r}``."]
+    return "\n".join(lines)
+
+
+def _check_int(name: str, value: Any, *, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise InputError(f"{name} must be an integer, got {value!r}.")
+    if value < low:
+        raise InputError(f"{name} must be {'positive' if low == 1 else f'at least {low}'}, got {value!r}.")
+
+
+def _check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_closed: bool = False,
+) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float | np.integer | np.floating)
+        or not np.isfinite(value)
+    ):
+        raise InputError(f"{name} must be a finite number, got {value!r}.")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value > high if high_closed else value >= high)
+    if too_low or too_high:
+        lo = "(" if low_open else "["
+        hi = "]" if high_closed else ")"
+        if high is None:
+            rng = "positive" if low_open and low == 0 else f">= {low}"
+            raise InputError(f"{name} must be {rng}, got {value!r}.")
+        raise InputError(f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}.")
