@@ -5,9 +5,13 @@ nonzeros per cell (as in bench_io.py); 2,000 genes in the gene space; 1 epoch pe
 epoch (memory does not depend on epochs), CPU. Every configuration runs in a fresh subprocess, which
 reports its own peak RSS (VmHWM); a baseline child imports sccoreset and torch, loads the gene space
 and opens (scans) the files without training. Printed: one row per configuration with the peak RSS,
-the peak above the baseline, the prediction of `predicted_mib` and the ratio measured / predicted.
+the peak above the baseline, the prediction of `predicted_mib` and the ratio measured / predicted. A
+second, "warm" baseline child also runs stream_train on 500 cells (numba kernels loaded, torch's first
+training steps: ~160 MiB that do not grow with the sizes); "ratio warm" compares the peak above it.
+``--table PATH`` reprints a saved ``--json`` run with the current ``predicted_mib`` (no measuring).
 
     python benchmarks/bench_memory.py [--quick] [--json PATH]
+    python benchmarks/bench_memory.py --table PATH
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ OBS_BYTES_PER_CELL = 100  # per cell of a live chunk: obs name (a Python str + p
 def predicted_mib(chunk_size: int, buffer_size: int, prefetch: int, n_genes: int, nnz_per_cell: float) -> float:
     """Predicted peak host memory of stream_train above a process that has imported and opened everything (MiB).
 
-    k = chunk_size, m = buffer_size, p = prefetch, G = genes of the gene space, z = nonzeros per cell.
+    k = chunk_size, m = buffer_size, p = prefetch, G = genes of the gene space, z = nonzeros per cell of the
+    densest chunk (the pooled read buffers keep the size of the largest chunk they have held).
     The peak is reached during a step (train or select) while the background reader is blocked with
     everything it may hold: with prefetch the pipeline is full by then, because reading outruns training.
     """
@@ -122,6 +127,65 @@ def run_child(spec: dict, path: Path) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def densest_chunk_nnz(row_nnz: np.ndarray, chunk_size: int) -> float:
+    """Nonzeros per cell of the densest chunk of a sequential plan: what the pooled read buffers grow to."""
+    ends = np.concatenate([[0], np.cumsum(row_nnz)])
+    bounds = np.minimum(np.arange(0, row_nnz.size + chunk_size, chunk_size), row_nnz.size)
+    bounds = np.unique(bounds)
+    return float((np.diff(ends[bounds]) / np.diff(bounds)).max())
+
+
+HEADER = (
+    f"{'chunk':>7} {'buffer':>7} {'prefetch':>8} | {'peak RSS MiB':>12} | {'above baseline':>14} | "
+    f"{'above warm':>10} | {'predicted MiB':>13} | {'ratio':>5} | {'ratio warm':>10} | {'peak at':>7} | {'wall s':>6}"
+)
+
+
+def table_row(row: dict, baseline: float, warm: float, n_genes: int) -> dict:
+    """Prediction and ratios of one measured configuration (recomputed, so --table uses the current formula)."""
+    pred = predicted_mib(row["chunk_size"], row["buffer_size"], row["prefetch"], n_genes, row["nnz_per_cell"])
+    above, above_warm = row["peak_rss_mib"] - baseline, row["peak_rss_mib"] - warm
+    row.update(above_baseline_mib=above, above_warm_mib=above_warm, predicted_mib=pred, ratio=above / pred,
+               ratio_warm=above_warm / pred)  # fmt: skip
+    at = row.get("peak_at_s", float("nan")) / row["wall_s"]
+    print(
+        f"{row['chunk_size']:>7,} {row['buffer_size']:>7,} {row['prefetch']:>8} | {row['peak_rss_mib']:>12,.0f} | "
+        f"{above:>14,.0f} | {above_warm:>10,.0f} | {pred:>13,.0f} | {above / pred:>5.2f} | "
+        f"{above_warm / pred:>10.2f} | {100 * at:>6.0f}% | {row['wall_s']:>6.1f}",
+        flush=True,
+    )
+    return row
+
+
+def print_header(record: dict) -> None:
+    base, warm = record["baseline"], record["warm_baseline"]
+    print(f"baseline (imports, gene space, files opened, no training): peak {base['peak_rss_mib']:,.0f} MiB, "
+          f"{base['torch_threads']} torch threads")  # fmt: skip
+    print(f"warm baseline (the same + stream_train on 500 cells: numba kernels, torch's first steps): "
+          f"peak {warm['peak_rss_mib']:,.0f} MiB (+{warm['peak_rss_mib'] - base['peak_rss_mib']:,.0f})\n")  # fmt: skip
+    print(HEADER)
+    print("-" * len(HEADER))
+
+
+def print_footer(rows: list[dict]) -> None:
+    for key, what in (("ratio", "above baseline"), ("ratio_warm", "above warm baseline")):
+        r = np.array([row[key] for row in rows])
+        print(f"ratio {what} / predicted: {r.min():.2f} to {r.max():.2f} (median {np.median(r):.2f})")
+    print("nonzeros per cell in the prediction: the densest chunk's (the pooled read buffers keep their size)")
+    print("'peak at': when the peak was reached, as a fraction of the child's stream_train wall time")
+
+
+def retabulate(path: str) -> None:
+    """The table of a saved run (--json) with the current predicted_mib: no measuring."""
+    record = json.loads(Path(path).read_text())
+    print(f"{path}: {record['files']} files x {record['cells_per_file']:,} cells x {record['genes']:,} genes, "
+          f"{record['nnz_per_cell']:,.0f} nonzeros per cell (mean)")  # fmt: skip
+    print_header(record)
+    base, warm = record["baseline"]["peak_rss_mib"], record["warm_baseline"]["peak_rss_mib"]
+    rows = [table_row(row, base, warm, record["gene_space"]) for row in record["rows"]]
+    print_footer(rows)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="3 files x 4,000 cells x 2,000 genes, sizes / 10")
@@ -131,10 +195,14 @@ def main():
     p.add_argument("--n-top-genes", type=int, default=2000)
     p.add_argument("--data-dir", default=str(DATA))
     p.add_argument("--json", default=None, metavar="PATH", help="write all figures as JSON")
+    p.add_argument("--table", default=None, metavar="PATH", help="reprint a --json run with the current formula")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(json.loads(Path(args.child).read_text()))
+        return
+    if args.table:
+        retabulate(args.table)
         return
 
     import sccoreset as scc
@@ -144,19 +212,22 @@ def main():
     n_genes = args.genes or (2000 if args.quick else 20_000)
     scale = 0.1 if args.quick else 1.0
     base = Path(args.data_dir) / f"f{n_files}_c{per_file}_g{n_genes}"
+    fresh = not (base / "manifest.json").exists()
     t0 = time.perf_counter()
     stream = scc.datasets.synthetic_stream(
         base, n_files=n_files, cells_per_file=per_file, n_genes=n_genes, library_size=3000.0,
         holdout_per_type=10, random_state=4,
     )  # fmt: skip
+    gen_s = time.perf_counter() - t0
     files = [str(f) for f in stream.files]
-    nnz = 0
+    row_nnz = []
     for f in files:
         with h5py.File(f) as h:
-            nnz += int(h["X/indptr"][-1])
-    z = nnz / (n_files * per_file)
-    print(f"stream: {n_files} files x {per_file:,} cells x {n_genes:,} genes, {z:,.0f} nonzeros per cell "
-          f"[{time.perf_counter() - t0:.0f} s]")  # fmt: skip
+            row_nnz.append(np.diff(h["X/indptr"][:]))
+    row_nnz = np.concatenate(row_nnz)
+    z = float(row_nnz.mean())
+    how = f"generated in {gen_s:.0f} s = {gen_s / n_files:.1f} s per file" if fresh else "cached"
+    print(f"stream: {n_files} files x {per_file:,} cells x {n_genes:,} genes, {z:,.0f} nonzeros per cell ({how})")
     gs_path = base / f"gene_space_{args.n_top_genes}.pkl"
     if not gs_path.exists():
         gs_path.write_bytes(pickle.dumps(scc.pp.fit_gene_space(files, n_top_genes=args.n_top_genes)))
@@ -169,41 +240,21 @@ def main():
         import anndata as ad
 
         ad.read_h5ad(files[0], backed="r")[:500].to_memory().write_h5ad(tiny)
-    base_res = run_child({**spec, "mode": "baseline"}, tmp)
-    warm_res = run_child({**spec, "mode": "warm", "tiny": str(tiny)}, tmp)
-    baseline, warm = base_res["peak_rss_mib"], warm_res["peak_rss_mib"]
-    print(f"baseline (imports, gene space, files opened, no training): peak {baseline:,.0f} MiB, "
-          f"{base_res['torch_threads']} torch threads")  # fmt: skip
-    print(f"warm baseline (the same + stream_train on 500 cells: numba kernels, torch's first steps): "
-          f"peak {warm:,.0f} MiB (+{warm - baseline:,.0f})\n")  # fmt: skip
-    header = (
-        f"{'chunk':>7} {'buffer':>7} {'prefetch':>8} | {'peak RSS MiB':>12} | {'above baseline':>14} | "
-        f"{'above warm':>10} | {'predicted MiB':>13} | {'ratio':>5} | {'ratio warm':>10} | {'peak at':>7} | {'wall s':>6}"
-    )
-    print(header)
-    print("-" * len(header))
+    record = {"cells_per_file": per_file, "files": n_files, "genes": n_genes, "gene_space": G, "nnz_per_cell": z}
+    record["baseline"] = run_child({**spec, "mode": "baseline"}, tmp)
+    record["warm_baseline"] = run_child({**spec, "mode": "warm", "tiny": str(tiny)}, tmp)
+    print_header(record)
+    base_mib, warm_mib = record["baseline"]["peak_rss_mib"], record["warm_baseline"]["peak_rss_mib"]
     rows = []
     for cfg in configs(scale):
         res = run_child({**spec, "mode": "run", "config": cfg}, tmp)
-        above, above_warm = res["peak_rss_mib"] - baseline, res["peak_rss_mib"] - warm
-        pred = predicted_mib(cfg["chunk_size"], cfg["buffer_size"], cfg["prefetch"], G, z)
-        at = res.get("peak_at_s", float("nan")) / res["wall_s"]
-        rows.append({**cfg, **res, "above_baseline_mib": above, "above_warm_mib": above_warm, "predicted_mib": pred,
-                     "ratio": above / pred, "ratio_warm": above_warm / pred})  # fmt: skip
-        print(
-            f"{cfg['chunk_size']:>7,} {cfg['buffer_size']:>7,} {cfg['prefetch']:>8} | {res['peak_rss_mib']:>12,.0f} | "
-            f"{above:>14,.0f} | {above_warm:>10,.0f} | {pred:>13,.0f} | {above / pred:>5.2f} | "
-            f"{above_warm / pred:>10.2f} | {100 * at:>6.0f}% | {res['wall_s']:>6.1f}",
-            flush=True,
-        )
+        row = {**cfg, **res, "nnz_per_cell": densest_chunk_nnz(row_nnz, cfg["chunk_size"])}
+        rows.append(table_row(row, base_mib, warm_mib, G))
     tmp.unlink(missing_ok=True)
-    for key, what in (("ratio", "above baseline"), ("ratio_warm", "above warm baseline")):
-        r = np.array([row[key] for row in rows])
-        print(f"ratio {what} / predicted: {r.min():.2f} to {r.max():.2f} (median {np.median(r):.2f})")
-    print("'peak at': when the peak was reached, as a fraction of the child's stream_train wall time")
+    print_footer(rows)
+    record["rows"] = rows
     if args.json:
-        write_json(args.json, {"cells_per_file": per_file, "files": n_files, "genes": n_genes, "gene_space": G,
-                               "nnz_per_cell": z, "baseline": base_res, "warm_baseline": warm_res, "rows": rows})  # fmt: skip
+        write_json(args.json, record)
 
 
 if __name__ == "__main__":
