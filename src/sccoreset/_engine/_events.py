@@ -14,12 +14,14 @@ TIMINGS = ("wait_seconds", "train_seconds", "select_seconds", "eval_seconds")
 class StepEvent(TypedDict, total=False):
     """What the loop reports after each step (``step`` is ``"final"`` for the consolidation on the final buffer).
 
-    ``accuracy``, ``macro_f1`` and ``f1`` are present when evaluation data was given.
+    ``n_chunk`` counts the step's cells over all ranks, ``n_local`` those this rank read (the same in one
+    process). ``accuracy``, ``macro_f1`` and ``f1`` are present when evaluation data was given.
     """
 
     step: int | str
     chunk: int
     n_chunk: int
+    n_local: int
     n_skipped: int
     n_buffer: int
     train_loss: float
@@ -61,6 +63,7 @@ class History:
             "step": np.array([e["step"] for e in steps], dtype=np.int64),
             "chunk": np.array([e["chunk"] for e in steps], dtype=np.int64),
             "n_chunk": np.array([e["n_chunk"] for e in steps], dtype=np.int64),
+            "n_local": np.array([e.get("n_local", e["n_chunk"]) for e in steps], dtype=np.int64),
             "n_skipped": np.array([e.get("n_skipped", 0) for e in steps], dtype=np.int64),
             "train_loss": np.array([e["train_loss"] for e in steps], dtype=np.float64),
             "epoch_losses": np.array([e["epoch_losses"] for e in steps], dtype=np.float64),

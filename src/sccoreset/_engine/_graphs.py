@@ -108,13 +108,16 @@ class GraphedTrainer:
         generator: torch.Generator,
         stored_logits: torch.Tensor,
         is_buffer: torch.Tensor,
+        weights: np.ndarray | None = None,
     ) -> tuple[Dynamics, list[float]]:
         n = int(y_host.size)
         self.X[:n].copy_(X)
         self.y[:n].copy_(to_device(torch.from_numpy(y_host), self.dev))
         self.stored[:n].copy_(stored_logits)
         self.buf_weight[:n].copy_(is_buffer.to(self.dev, torch.float32))
-        w = class_weights(y_host, self.n_classes) if self.balance_loss else np.ones(self.n_classes)
+        if weights is None:
+            weights = class_weights(y_host, self.n_classes) if self.balance_loss else np.ones(self.n_classes)
+        w = weights
         self.w.copy_(to_device(torch.from_numpy(w).float(), self.dev))
         orders = to_device(host_orders(n, epochs, generator), self.dev)
         if self.graph is None:

@@ -19,12 +19,13 @@ from torch import nn
 
 from .._config import StreamConfig
 from ._buffer import Buffer
+from ._distributed import concat_by_rank, gather_objects, gather_rows, rank_world, wrap_ddp
 from ._dynamics import score_of
 from ._events import StepEvent
 from ._graphs import GraphedTrainer
 from ._metrics import classification_metrics
 from ._selection import select
-from ._train import make_optimizer, predict_logits, to_device, train_epochs
+from ._train import class_weights, make_optimizer, predict_logits, to_device, train_epochs
 
 
 @dataclass
@@ -73,7 +74,9 @@ class StreamLoop:
         self.cfg = cfg
         self.n_classes = n_classes
         self.device = torch.device(device)
+        self.rank, self.world = rank_world()
         self.model = model.to(self.device)
+        self.net = wrap_ddp(self.model, self.device)  # what trains: DDP over the ranks, or the model itself
         self.optimizer = make_optimizer(self.model, cfg.lr)
         self.generator = torch.Generator()
         self.rng = rng
@@ -81,19 +84,22 @@ class StreamLoop:
         if eval_set is not None:
             self.eval_set = (to_device(torch.from_numpy(np.ascontiguousarray(eval_set[0])), self.device), eval_set[1])
         self.buffer: Buffer | None = None
-        self.use_graphs = self.device.type == "cuda" and cfg.cuda_graphs
+        # CUDA graphs are captured for one process; under DDP the step runs eagerly
+        self.use_graphs = self.device.type == "cuda" and cfg.cuda_graphs and self.world == 1
         self._graphed: GraphedTrainer | None = None
         if resume is None:
-            torch.manual_seed(int(rng.integers(2**62)))
-            self.generator.manual_seed(int(rng.integers(2**62)))
+            # every rank draws the same seeds from rng (selection stays identical) and offsets them by its rank
+            torch.manual_seed(int(rng.integers(2**62)) + self.rank)
+            self.generator.manual_seed(int(rng.integers(2**62)) + self.rank)
             self.seen_counts = np.zeros(n_classes, dtype=np.int64)
             self.step = 0
         else:
             self.optimizer.load_state_dict(resume["optimizer"])
-            self.generator.set_state(resume["generator"])
-            torch.set_rng_state(resume["torch_rng"])
-            if resume.get("cuda_rng") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(list(resume["cuda_rng"]))  # dropout on the GPU draws from these
+            mine = resume["per_rank"][self.rank] if "per_rank" in resume else resume
+            self.generator.set_state(mine["generator"])
+            torch.set_rng_state(mine["torch_rng"])
+            if mine.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(list(mine["cuda_rng"]))  # dropout on the GPU draws from these
             rng.bit_generator.state = resume["rng"]
             self.seen_counts = np.asarray(resume["seen_counts"]).copy()
             self.step = int(resume["step"])
@@ -113,22 +119,28 @@ class StreamLoop:
             yield self.process(chunk, wait)
 
     def process(self, chunk: ChunkData, wait: float = 0.0) -> StepEvent:
+        """One step on ``chunk`` (this rank's share of it under DDP)."""
         cfg = self.cfg
         t1 = time.perf_counter()
         chunk_X = to_device(torch.from_numpy(chunk.X), self.device)
         if self.buffer is None:
             self.buffer = Buffer.empty(chunk.X.shape[1], self.n_classes, chunk.provenance, self.device)
         buffer = self.buffer
-        n_buf, n_new = len(buffer), len(chunk.y)
-        X = torch.cat([buffer.X, chunk_X])
-        y = np.concatenate([buffer.y, chunk.y])
-        stored = torch.cat([buffer.logits, torch.zeros((n_new, self.n_classes), device=self.device)])
-        is_buffer = torch.arange(n_buf + n_new) < n_buf
-        dyn, losses = self._train(X, y, cfg.epochs_per_step, stored, is_buffer)
-        stats = dyn.to_numpy()  # the one synchronisation of the step's training
+        m = len(buffer)
+        bX, by, blogits = self._buffer_share(buffer)
+        nb = len(by)
+        X = torch.cat([bX, chunk_X])
+        stored = torch.cat([blogits, torch.zeros((len(chunk.y), self.n_classes), device=self.device)])
+        is_buffer = torch.arange(nb + len(chunk.y)) < nb
+        dyn, losses = self._train(X, np.concatenate([by, chunk.y]), cfg.epochs_per_step, stored, is_buffer)
+        local_stats = dyn.to_numpy()  # the one synchronisation of the step's training
+        del X, stored
         t2 = time.perf_counter()
-        self.seen_counts += np.bincount(chunk.y, minlength=self.n_classes)
-        prov = {k: np.concatenate([buffer.provenance[k], v]) for k, v in chunk.provenance.items()}
+        stats, new, losses, starts = self._gather_step(local_stats, nb, m, chunk, losses)
+        n_new = len(new.y)
+        self.seen_counts += np.bincount(new.y, minlength=self.n_classes)
+        y = np.concatenate([buffer.y, new.y])
+        prov = {k: np.concatenate([buffer.provenance[k], v]) for k, v in new.provenance.items()}
         prov["age"] = np.concatenate([buffer.provenance["age"] + 1, np.zeros(n_new, np.int64)])
         prov["step_added"] = np.concatenate([buffer.provenance["step_added"], np.full(n_new, self.step)])
         prov["chunk"] = np.concatenate([buffer.provenance["chunk"], np.full(n_new, chunk.index)])
@@ -138,25 +150,61 @@ class StreamLoop:
             max_chunk_fraction=cfg.max_chunk_fraction, forgetting=stats["forgetting"], ages=prov["age"],
             score_decay=cfg.score_decay, drop_hard=cfg.drop_hard, rng=self.rng,
         )  # fmt: skip
-        keep_dev = to_device(torch.from_numpy(keep), self.device)
-        # new cells store the logits of the model that has just learned them; kept cells keep theirs
-        new = keep_dev[keep_dev >= n_buf] if n_new else keep_dev[:0]
-        if new.numel():
-            stored[new] = predict_logits(self.model, X[new])
+        # new kept cells: their owner rank computes the logits of the model that has just learned them
+        kept_new = keep[keep >= m] - m
+        lo = starts[self.rank]
+        mine = kept_new[(kept_new >= lo) & (kept_new < lo + len(chunk.y))] - lo
+        rows = to_device(torch.from_numpy(mine), self.device)
+        new_X = chunk_X[rows]
+        new_logits = (
+            predict_logits(self.model, new_X) if len(mine) else torch.zeros((0, self.n_classes), device=self.device)
+        )
+        old = to_device(torch.from_numpy(keep[keep < m]), self.device)
         self.buffer = Buffer(
-            X=X[keep_dev],
+            X=torch.cat([buffer.X[old], gather_rows(new_X)]),
             y=y[keep],
-            logits=stored[keep_dev],
+            logits=torch.cat([buffer.logits[old], gather_rows(new_logits)]),
             provenance={k: v[keep] for k, v in prov.items()},
             scores={k: v[keep] for k, v in stats.items()},
         )
-        del X, stored
         t3 = time.perf_counter()
-        event = self._event(self.step, chunk, losses)
-        event.update(wait_seconds=wait, train_seconds=t2 - t1, select_seconds=t3 - t2,
+        event = self._event(self.step, new, losses)
+        event.update(n_local=len(chunk.y), wait_seconds=wait, train_seconds=t2 - t1, select_seconds=t3 - t2,
                      eval_seconds=time.perf_counter() - t3)  # fmt: skip
         self.step += 1
         return event
+
+    def _buffer_share(self, buffer: Buffer) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+        """The buffer cells this rank trains on: all of them in one process, every world-th under DDP."""
+        if self.world == 1:
+            return buffer.X, buffer.y, buffer.logits
+        idx = np.arange(self.rank, len(buffer), self.world)
+        idx_dev = to_device(torch.from_numpy(idx), self.device)
+        return buffer.X[idx_dev], buffer.y[idx], buffer.logits[idx_dev]
+
+    def _gather_step(self, local_stats, nb: int, m: int, chunk: ChunkData, losses: list[float]):
+        """Every rank's statistics in the global order (buffer, then the chunk's shares in rank order)."""
+        if self.world == 1:
+            return local_stats, chunk, losses, [0]
+        parts = gather_objects(
+            {
+                "stats": local_stats, "nb": nb, "y": chunk.y, "prov": chunk.provenance,
+                "skipped": chunk.n_skipped, "losses": losses,
+            }
+        )  # fmt: skip
+        stats = {}
+        for k in local_stats:
+            buf = np.empty(m, dtype=local_stats[k].dtype)
+            for r, p in enumerate(parts):
+                buf[r :: self.world] = p["stats"][k][: p["nb"]]
+            stats[k] = np.concatenate([buf] + [p["stats"][k][p["nb"] :] for p in parts])
+        y_new = np.concatenate([p["y"] for p in parts])
+        new = ChunkData(chunk.index, None, y_new, concat_by_rank([p["prov"] for p in parts]),
+                        n_skipped=sum(p["skipped"] for p in parts))  # fmt: skip
+        sizes = np.array([len(p["stats"]["aum"]) for p in parts], dtype=np.float64)
+        mean_losses = (np.array([p["losses"] for p in parts]) * sizes[:, None]).sum(0) / max(sizes.sum(), 1.0)
+        starts = np.concatenate([[0], np.cumsum([len(p["y"]) for p in parts])])
+        return stats, new, mean_losses.tolist(), starts
 
     # -- the end ------------------------------------------------------------------------------------
     def finish(self) -> StepEvent | None:
@@ -167,8 +215,11 @@ class StreamLoop:
         t0 = time.perf_counter()
         losses: list[float] = []
         if self.cfg.final_epochs > 0 and len(buffer):
-            is_buffer = torch.ones(len(buffer), dtype=torch.bool)
-            _, losses = self._train(buffer.X, buffer.y, self.cfg.final_epochs, buffer.logits, is_buffer)
+            bX, by, blogits = self._buffer_share(buffer)
+            _, losses = self._train(bX, by, self.cfg.final_epochs, blogits, torch.ones(len(by), dtype=torch.bool))
+            parts = gather_objects((len(by), losses))
+            total = sum(n for n, _ in parts)
+            losses = (np.sum([np.asarray(ls) * n for n, ls in parts], axis=0) / max(total, 1)).tolist()
         event = self._event("final", None, losses)
         event.update(wait_seconds=0.0, train_seconds=time.perf_counter() - t0, select_seconds=0.0, eval_seconds=0.0)
         return event
@@ -176,6 +227,12 @@ class StreamLoop:
     def _train(self, X: torch.Tensor, y: np.ndarray, epochs: int, stored: torch.Tensor, is_buffer: torch.Tensor):
         """Epochs on the merged set: through a CUDA graph on a GPU, else eagerly (same loss, same orders)."""
         cfg = self.cfg
+        weights = None
+        if self.world > 1:  # class weights from the whole merged set, the same on every rank
+            counts = np.sum(gather_objects(np.bincount(y, minlength=self.n_classes)), axis=0)
+            weights = class_weights(np.repeat(np.arange(self.n_classes), counts), self.n_classes)
+            if not cfg.balance_loss:
+                weights = np.ones(self.n_classes)
         if self.use_graphs and self._graphed is None:
             self._graphed = GraphedTrainer(
                 self.model, self.optimizer, capacity=cfg.buffer_size + cfg.chunk_size, n_features=X.shape[1],
@@ -184,27 +241,42 @@ class StreamLoop:
             )  # fmt: skip
         if self._graphed is not None:
             return self._graphed.train(
-                X, y, epochs=epochs, generator=self.generator, stored_logits=stored, is_buffer=is_buffer
+                X,
+                y,
+                epochs=epochs,
+                generator=self.generator,
+                stored_logits=stored,
+                is_buffer=is_buffer,
+                weights=weights,
             )
         return train_epochs(
-            self.model, self.optimizer, X, to_device(torch.from_numpy(y), self.device),
+            self.net, self.optimizer, X, to_device(torch.from_numpy(y), self.device),
             epochs=epochs, batch_size=cfg.batch_size, n_classes=self.n_classes,
             generator=self.generator, balance_loss=cfg.balance_loss, distill=cfg.distill,
-            stored_logits=stored, is_buffer=is_buffer,
+            stored_logits=stored, is_buffer=is_buffer, weights=weights,
         )  # fmt: skip
 
     def state(self) -> dict[str, Any]:
-        """Everything but the model's weights needed to continue the loop at chunk ``step``."""
-        return {
+        """Everything but the model's weights needed to continue the loop at chunk ``step``.
+
+        Under DDP every rank must call it (it gathers each rank's random generators).
+        """
+        mine = {
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        state = {
             "step": self.step,
             "buffer": None if self.buffer is None else self.buffer.to_arrays(),
             "seen_counts": self.seen_counts.copy(),
             "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "rng": self.rng.bit_generator.state,
+            **mine,
         }
+        if self.world > 1:
+            state["per_rank"] = gather_objects(mine)
+        return state
 
     def _event(self, step: int | str, chunk: ChunkData | None, losses: list[float]) -> StepEvent:
         buffer = self.buffer

@@ -7,9 +7,12 @@ device tensors; the host reads them once, after the last epoch.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ._dynamics import Dynamics
 
@@ -63,18 +66,22 @@ def train_epochs(
     distill: float = 0.0,
     stored_logits: torch.Tensor | None = None,
     is_buffer: torch.Tensor | None = None,
+    weights: np.ndarray | None = None,
 ) -> tuple[Dynamics, list[float]]:
     """Shuffled minibatch epochs on (X, y), both on the model's device; the cells' dynamics and each epoch's mean loss.
 
     Loss: cross-entropy, weighted by inverse class frequency when ``balance_loss``; plus, for buffer
     cells (``is_buffer``), ``distill`` times the squared error to their stored logits (dark
-    experience replay), which keeps the function learned on earlier chunks.
+    experience replay), which keeps the function learned on earlier chunks. ``weights`` overrides the
+    class weights (under DDP they come from the labels of all ranks).
     """
     dev = X.device
     n = int(y.shape[0])
     dyn = Dynamics(n, dev)
     y_host = y.cpu().numpy() if y.device.type != "cpu" else y.numpy()
-    w_host = class_weights(y_host, n_classes) if balance_loss else np.ones(n_classes)
+    if weights is None:
+        weights = class_weights(y_host, n_classes) if balance_loss else np.ones(n_classes)
+    w_host = weights
     w = to_device(torch.from_numpy(w_host).float(), dev)
     use_distill = distill > 0 and stored_logits is not None and is_buffer is not None and len(is_buffer) > 0
     if use_distill:
@@ -83,7 +90,17 @@ def train_epochs(
     orders = to_device(host_orders(n, epochs, generator), dev)
     epoch_loss = torch.zeros(epochs, dtype=torch.float32, device=dev)
     model.train()
-    for e in range(epochs):
+    # ranks holding a few cells fewer than others finish an epoch earlier: Join shadows their all-reduces
+    with model.join() if isinstance(model, DistributedDataParallel) else nullcontext():
+        _epochs(model, optimizer, X, y, w, orders, epoch_loss, dyn, batch_size, distill if use_distill else 0.0,
+                stored_logits, buf_weight if use_distill else None)  # fmt: skip
+    return dyn, (epoch_loss / max(n, 1)).tolist()
+
+
+def _epochs(model, optimizer, X, y, w, orders, epoch_loss, dyn, batch_size, distill, stored_logits, buf_weight):
+    n = int(y.shape[0])
+    use_distill = distill > 0
+    for e in range(orders.shape[0]):
         order = orders[e]
         for lo in range(0, n, batch_size):
             idx = order[lo : lo + batch_size]
@@ -101,7 +118,6 @@ def train_epochs(
             optimizer.step()
             dyn.update(idx, logits, log_p_true, yb)
             epoch_loss[e] += loss.detach() * idx.numel()
-    return dyn, (epoch_loss / max(n, 1)).tolist()
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ import torch
 from anndata import AnnData
 
 from .._config import StreamConfig
+from .._engine._distributed import barrier, broadcast_object, rank_world, shard_plan
 from .._engine._events import History, StepEvent
 from .._engine._loop import ChunkData, StreamLoop
 from .._engine._model import build_model, mlp_spec
@@ -93,12 +94,16 @@ class StreamRun:
                 f"buffer_size ({cfg.buffer_size}) is smaller than the number of classes ({len(self.classes)}) "
                 f"times min_per_class ({cfg.min_per_class})."
             )
+        self.rank, self.world = rank_world()
         self.fingerprint = files_fingerprint(self.sources)
         saved = read_checkpoint(cfg.checkpoint_dir) if cfg.resume else None
         if saved is not None:
             gene_space = self._check_resume(saved, gene_space)
         if gene_space is None:
-            gene_space = fit_sources(self.sources, n_top_genes=cfg.n_top_genes, progress=cfg.progress)
+            # under DDP rank 0 fits the gene space and hands it to the others
+            if self.rank == 0:
+                gene_space = fit_sources(self.sources, n_top_genes=cfg.n_top_genes, progress=cfg.progress)
+            gene_space = broadcast_object(gene_space)
         else:
             warn_if_not_counts(self.sources)
         self.gene_space = gene_space
@@ -125,8 +130,12 @@ class StreamRun:
             resume=None if saved is None else saved["engine"],
         )  # fmt: skip
 
+    def params(self) -> dict[str, str]:
+        """What a resume must match: the compared options and the number of ranks."""
+        return {**self.cfg.comparable(), "world_size": repr(self.world)}
+
     def _check_resume(self, saved: dict[str, Any], gene_space: GeneSpace | None) -> GeneSpace:
-        check_same_run(saved, self.cfg.comparable(), self.fingerprint, Path(self.cfg.checkpoint_dir))
+        check_same_run(saved, self.params(), self.fingerprint, Path(self.cfg.checkpoint_dir))
         if list(saved["classes"]) != self.classes:
             raise InputError(f"resume: the checkpoint's classes {list(saved['classes'])} differ from {self.classes}.")
         stored = GeneSpace.from_dict(saved["gene_space"])
@@ -141,7 +150,8 @@ class StreamRun:
 
     def _chunks(self) -> Iterator[ChunkData]:
         lookup = {c: i for i, c in enumerate(self.classes)}
-        for chunk in self.reader.iterate(self.plan, start=self.loop.step, prefetch=self.cfg.prefetch):
+        plan = shard_plan(self.plan, self.rank, self.world) if self.world > 1 else self.plan
+        for chunk in self.reader.iterate(plan, start=self.loop.step, prefetch=self.cfg.prefetch):
             y = np.fromiter((lookup[v] for v in chunk.labels), dtype=np.int64, count=len(chunk))
             prov = {"file": chunk.file_index.astype(np.int64), "row": chunk.row, "obs_name": chunk.obs_names}
             yield ChunkData(chunk.index, chunk.X, y, prov, n_skipped=int(getattr(chunk, "n_skipped", 0)))
@@ -161,20 +171,26 @@ class StreamRun:
         cfg, step = self.cfg, self.loop.step
         if cfg.checkpoint_dir is None or (step % cfg.checkpoint_every and step != len(self.plan)):
             return
-        write_checkpoint(
-            cfg.checkpoint_dir,
-            {
-                "params": cfg.comparable(), "files": self.fingerprint, "classes": self.classes,
-                "gene_space": self.gene_space.to_dict(), "plan": self.plan, "model": self.model.state_dict(),
-                "engine": self.loop.state(), "events": self.events,
-            },
-        )  # fmt: skip
+        state = self.loop.state()  # every rank: it gathers the ranks' generators
+        if self.rank == 0:
+            write_checkpoint(
+                cfg.checkpoint_dir,
+                {
+                    "params": self.params(), "files": self.fingerprint, "classes": self.classes,
+                    "gene_space": self.gene_space.to_dict(), "plan": self.plan, "model": self.model.state_dict(),
+                    "engine": state, "events": self.events,
+                },
+            )  # fmt: skip
+        barrier()
 
     def coreset(self) -> AnnData:
         """The current buffer as the coreset AnnData (valid after any number of steps, at least one)."""
         if self.loop.buffer is None:
             raise InputError("the stream yielded no chunk: there is no coreset to build.")
-        params = {**self.cfg.to_uns(), "device": str(self.device), "wall_seconds": time.perf_counter() - self.t_start}
+        params = {
+            **self.cfg.to_uns(), "device": str(self.device), "world_size": self.world,
+            "wall_seconds": time.perf_counter() - self.t_start,
+        }  # fmt: skip
         return build_coreset(
             self.sources, self.loop.buffer, History.from_events(self.events, len(self.classes)),
             gene_space=self.gene_space, classes=self.classes, label_key=self.label_key, model=self.model,
