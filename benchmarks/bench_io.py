@@ -53,10 +53,12 @@ def raw_read(files, chunk_size):
     return n / (time.perf_counter() - t0)
 
 
-def chunked_read(files, gs, chunk_size, label_key="cell_type", order="sequential"):
+def chunked_read(files, gs, chunk_size, label_key="cell_type", order="sequential", n_workers=None):
     n = 0
     t0 = time.perf_counter()
-    for chunk in scc.pp.iter_chunks(files, gs, chunk_size=chunk_size, label_key=label_key, order=order, prefetch=1):
+    for chunk in scc.pp.iter_chunks(
+        files, gs, chunk_size=chunk_size, label_key=label_key, order=order, prefetch=1, n_workers=n_workers
+    ):
         n += len(chunk)
     return n / (time.perf_counter() - t0), n
 
@@ -288,6 +290,61 @@ def compare_peers(files, gs, args):
             print(f"bar, {order}: sccoreset / best of scDataset and annbatch = {ratio:.2f} ({verdict} the 1.5x bar)")
 
 
+def _split(files, parts, out_dir):
+    """Each file split into ``parts`` files of consecutive rows (written once, cached)."""
+    import anndata as ad
+
+    out_dir.mkdir(exist_ok=True)
+    split = []
+    for f in files:
+        a = None
+        for part in range(parts):
+            out = out_dir / f"{Path(f).stem}_part{part}.h5ad"
+            if not out.exists():
+                a = ad.read_h5ad(f) if a is None else a
+                n = a.n_obs // parts
+                a[part * n : (part + 1) * n].copy().write_h5ad(out)
+            split.append(str(out))
+    return split
+
+
+def parallel_figures(files, gs, args):
+    """Issue 9: iter_chunks with 1-8 reading threads, fit_gene_space, and many small files vs few large ones."""
+    from sccoreset._io._parallel import default_workers
+
+    cpus = len(os.sched_getaffinity(0))
+    reps = 1 if args.quick else 3
+    print(
+        f"\nreading with several threads ({cpus} CPUs usable, default n_workers={default_workers()}; best of {reps}):"
+    )
+    raw = max(raw_read(files, args.chunk_size) for _ in range(reps))
+    print(f"  raw h5py row-block read, one thread:  {raw:,.0f} cells/s")
+    rates = {}
+    for w in (1, 2, 4, 8):
+        rates[w] = max(chunked_read(files, gs, args.chunk_size, n_workers=w)[0] for _ in range(reps))
+        print(f"  iter_chunks n_workers={w}:            {rates[w]:,.0f} cells/s  ({rates[w] / raw:.2f} x raw read)")
+    print(
+        f"  bar (16-core box): n_workers=8 / n_workers=1 = {rates[8] / rates[1]:.2f} (>= 3), "
+        f"n_workers=8 / raw read = {rates[8] / raw:.2f} (>= 2)"
+    )
+    for w in (1, None):
+        best = 0.0
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fitted = scc.pp.fit_gene_space(files, n_top_genes=2000, n_workers=w)
+            best = max(best, fitted.n_cells / (time.perf_counter() - t0))
+        same = np.array_equal(fitted.genes, gs.genes)
+        print(f"  fit_gene_space n_workers={w or default_workers()}: {best:,.0f} cells/s (same genes as above: {same})")
+    parts = 10
+    split = _split(files, parts, DATA / ("io_split_quick" if args.quick else "io_split"))
+    many = max(chunked_read(split, gs, args.chunk_size)[0] for _ in range(reps))
+    few = max(chunked_read(files, gs, args.chunk_size)[0] for _ in range(reps))
+    print(
+        f"  {len(files)} files x {args.cells_per_file:,} cells: {few:,.0f} cells/s; {len(split)} files x "
+        f"{args.cells_per_file // parts:,} cells: {many:,.0f} cells/s (ratio {many / few:.2f}; bar >= 0.8)"
+    )
+
+
 def _venv_python(name):
     path = ROOT / name / "bin" / "python"
     return str(path) if path.exists() else None
@@ -307,6 +364,7 @@ def main():
     )
     p.add_argument("--quick", action="store_true", help="small files, two settings per peer: a smoke test")
     p.add_argument("--peers-only", action="store_true", help="only the loader table (no RSS and long-stream runs)")
+    p.add_argument("--parallel-only", action="store_true", help="only the reading-threads figures (issue 9)")
     args = p.parse_args()
     if args.quick:
         args.n_files, args.cells_per_file, args.chunk_size = 3, 2000, 2000
@@ -341,6 +399,10 @@ def main():
 
     raw_read(files, args.chunk_size)  # warm the page cache and numba
     chunked_read(files[:1], gs, args.chunk_size)
+    if not args.peers_only:
+        parallel_figures(files, gs, args)
+    if args.parallel_only:
+        return
     if args.quick or args.peers_only:
         compare_peers(files, gs, args)
         return

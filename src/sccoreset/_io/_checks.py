@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._sources import Source
+from ._source import Source
 
 PEEK_ROWS = 200
 
@@ -31,9 +31,13 @@ def warn_if_not_counts(sources: Sequence[Source]) -> None:
     an error: some pipelines store corrected counts (e.g. ambient-RNA removal) that are not integers.
     """
     for src in sources:
-        block = src.read_rows(0, min(PEEK_ROWS, src.n_obs))
-        src.close()  # reopened when the stream reaches it: long streams keep few files open
-        example = non_integer_example(block.data)
+        if src.peeked:  # read when the file was opened to list its genes: no second open
+            example = src.peek_non_integer
+        else:
+            block = src.read_rows(0, min(PEEK_ROWS, src.n_obs))
+            src.close()  # reopened when the stream reaches it: long streams keep few files open
+            example = non_integer_example(block.data)
+            src.peek_non_integer, src.peeked = example, True
         if example is not None:
             warnings.warn(
                 f"{src.name}: {src.matrix_name} holds non-integer values (e.g. {example:.4g} in its first {PEEK_ROWS} rows); "

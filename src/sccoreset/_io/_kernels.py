@@ -63,6 +63,48 @@ def _indices_in_range(indices, lo, hi, n_cols):
     return hi == lo or (mn >= 0 and mx < n_cols)
 
 
+@numba.njit(nogil=True, cache=True)
+def _transform_rows(r0, r1, data, indices, indptr, col_map, mean, inv_std, fill, target_sum, max_value, out, bad):
+    """Rows ``[r0, r1)`` of :func:`csr_transform` (one block of rows, one scratch allocation)."""
+    n_cols = col_map.size
+    nnz = min(data.size, indices.size)
+    width = 0
+    for i in range(r0, r1):
+        width = max(width, indptr[i + 1] - indptr[i])
+    cols = np.empty(max(width, 0), np.int32)
+    vals = np.empty(max(width, 0), np.float32)
+    for i in range(r0, r1):
+        lo = indptr[i]
+        hi = indptr[i + 1]
+        if lo < 0 or hi < lo or hi > nnz:
+            bad[i] = 4  # BAD_INDPTR
+            out[i, :] = fill
+            continue
+        if not _indices_in_range(indices, lo, hi, n_cols):
+            bad[i] = 2  # BAD_INDEX
+            out[i, :] = fill
+            continue
+        s = np.float32(0.0)
+        flag = 0
+        k = 0
+        for j in range(lo, hi):
+            v = data[j]
+            if not (v >= 0.0) or v == np.inf:
+                flag = 1
+            s += v
+            c = col_map[indices[j]]
+            cols[k] = c
+            vals[k] = v
+            k += c >= 0
+        bad[i] = flag
+        scale = np.float32(target_sum / s) if s > 0 else np.float32(0.0)
+        out[i, :] = fill
+        for t in range(k):
+            c = cols[t]
+            v = (np.log1p(np.float32(vals[t]) * scale) - mean[c]) * inv_std[c]
+            out[i, c] = min(max(v, -max_value), max_value)
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def csr_transform(data, indices, indptr, col_map, mean, inv_std, fill, target_sum, max_value, out, bad):
     """normalize_total -> log1p -> map columns -> (x - mean) * inv_std -> clip, into dense ``out``.
@@ -78,91 +120,85 @@ def csr_transform(data, indices, indptr, col_map, mean, inv_std, fill, target_su
     once per block.
     """
     n = indptr.size - 1
-    n_cols = col_map.size
-    nnz = min(data.size, indices.size)
-    n_blocks = (n + 255) // 256
-    for block in numba.prange(n_blocks):
+    for block in numba.prange((n + 255) // 256):
         r0 = block * 256
-        r1 = min(n, r0 + 256)
-        width = 0
-        for i in range(r0, r1):
-            width = max(width, indptr[i + 1] - indptr[i])
-        cols = np.empty(width, np.int32)
-        vals = np.empty(width, np.float32)
-        for i in range(r0, r1):
-            lo = indptr[i]
-            hi = indptr[i + 1]
-            if lo < 0 or hi < lo or hi > nnz:
-                bad[i] = 4  # BAD_INDPTR
-                out[i, :] = fill
-                continue
-            if not _indices_in_range(indices, lo, hi, n_cols):
-                bad[i] = 2  # BAD_INDEX
-                out[i, :] = fill
-                continue
-            s = np.float32(0.0)
-            flag = 0
-            k = 0
-            for j in range(lo, hi):
-                v = data[j]
-                if not (v >= 0.0) or v == np.inf:
-                    flag = 1
-                s += v
-                c = col_map[indices[j]]
-                cols[k] = c
-                vals[k] = v
-                k += c >= 0
-            bad[i] = flag
-            scale = np.float32(target_sum / s) if s > 0 else np.float32(0.0)
-            out[i, :] = fill
-            for t in range(k):
-                c = cols[t]
-                v = (np.log1p(np.float32(vals[t]) * scale) - mean[c]) * inv_std[c]
-                out[i, c] = min(max(v, -max_value), max_value)
+        _transform_rows(r0, min(n, r0 + 256), data, indices, indptr, col_map, mean, inv_std, fill, target_sum,
+                        max_value, out, bad)  # fmt: skip
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
-def csr_accumulate(data, indices, indptr, col_map, target_sum, sums, bad):
-    """Add per-column sums of x, x**2, log1p(x), log1p(x)**2 of normalized rows into ``sums`` (4, n_genes).
+@numba.njit(nogil=True, cache=True)
+def csr_transform_serial(data, indices, indptr, col_map, mean, inv_std, fill, target_sum, max_value, out, bad):
+    """:func:`csr_transform` in the calling thread only: for worker threads that each transform a chunk."""
+    n = indptr.size - 1
+    for block in range((n + 255) // 256):
+        r0 = block * 256
+        _transform_rows(r0, min(n, r0 + 256), data, indices, indptr, col_map, mean, inv_std, fill, target_sum,
+                        max_value, out, bad)  # fmt: skip
 
-    ``col_map`` maps the block's columns onto the target genes (-1: not a target). Returns the
-    number of flagged rows (``bad`` holds the bits, as in :func:`csr_transform`).
+
+TABLE = 64  # per-row table of the statistics of the small whole counts 0 .. TABLE - 1
+
+
+@numba.njit(nogil=True, cache=True)
+def csr_accumulate(data, indices, indptr, col_map, target_sum, acc, bad):
+    """Add per-column sums of x, x**2, log1p(x), log1p(x)**2 of normalized rows into ``acc`` (n_genes, 4).
+
+    Runs in the calling thread (workers each accumulate their own chunks). ``col_map`` maps the
+    block's columns onto the target genes (-1: not a target). Returns the number of flagged rows
+    (``bad`` holds the bits, as in :func:`csr_transform`).
+
+    Most stored counts are small whole numbers, and within a row they share one scale factor: the four
+    statistics of counts ``0 .. TABLE - 1`` are computed once per row (the same float32 arithmetic as
+    for any other value, so the sums are bit for bit those of computing every element), which takes
+    the log1p off the per-element path. ``acc`` is gene-major so the four adds of an element touch
+    one cache line.
     """
     n = indptr.size - 1
     n_cols = col_map.size
     nnz = min(data.size, indices.size)
-    n_parts = 2 if n > 64 else 1
-    part_sums = np.zeros((n_parts, sums.shape[0], sums.shape[1]), dtype=np.float64)
-    step = (n + n_parts - 1) // n_parts
-    for p in numba.prange(n_parts):
-        acc = part_sums[p]
-        for i in range(p * step, min(n, (p + 1) * step)):
-            lo = indptr[i]
-            hi = indptr[i + 1]
-            if lo < 0 or hi < lo or hi > nnz:
-                bad[i] = 4  # BAD_INDPTR
+    table = np.empty((TABLE, 4), dtype=np.float64)
+    for i in range(n):
+        lo = indptr[i]
+        hi = indptr[i + 1]
+        if lo < 0 or hi < lo or hi > nnz:
+            bad[i] = 4  # BAD_INDPTR
+            continue
+        if not _indices_in_range(indices, lo, hi, n_cols):
+            bad[i] = 2  # BAD_INDEX
+            continue
+        s, flag = _row_sum(data, lo, hi)
+        bad[i] = flag
+        if flag or s <= 0:
+            continue
+        scale = np.float32(target_sum / s)
+        n_table = min(TABLE, hi - lo + 1)  # short rows: fewer table entries than elements
+        for t in range(n_table):
+            x = np.float32(t) * scale
+            lx = np.float64(np.log1p(x))
+            xd = np.float64(x)
+            table[t, 0] = xd
+            table[t, 1] = xd * xd
+            table[t, 2] = lx
+            table[t, 3] = lx * lx
+        for j in range(lo, hi):
+            c = col_map[indices[j]]
+            if c < 0:
                 continue
-            if not _indices_in_range(indices, lo, hi, n_cols):
-                bad[i] = 2  # BAD_INDEX
-                continue
-            s, flag = _row_sum(data, lo, hi)
-            bad[i] = flag
-            if flag or s <= 0:
-                continue
-            scale = np.float32(target_sum / s)
-            for j in range(lo, hi):
-                c = col_map[indices[j]]
-                if c < 0:
-                    continue
-                x = np.float32(data[j]) * scale
+            v = data[j]
+            t = np.int64(v) if v < n_table else np.int64(-1)
+            if t >= 0 and np.float32(t) == np.float32(v):
+                acc[c, 0] += table[t, 0]
+                acc[c, 1] += table[t, 1]
+                acc[c, 2] += table[t, 2]
+                acc[c, 3] += table[t, 3]
+            else:
+                x = np.float32(v) * scale
                 lx = np.float64(np.log1p(x))
                 xd = np.float64(x)
-                acc[0, c] += xd
-                acc[1, c] += xd * xd
-                acc[2, c] += lx
-                acc[3, c] += lx * lx
-    for p in range(n_parts):
-        sums += part_sums[p]
+                acc[c, 0] += xd
+                acc[c, 1] += xd * xd
+                acc[c, 2] += lx
+                acc[c, 3] += lx * lx
     n_bad = 0
     for i in range(n):
         n_bad += bad[i] != 0

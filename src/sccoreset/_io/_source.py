@@ -4,11 +4,17 @@ A source knows its display name (used in every error message), its gene names, i
 cells and how to read obs columns and blocks of rows of its counts matrix (``X`` or a layer) as
 CSR arrays. Rows are *logical* (``0 .. n_obs - 1``); for a view of a file, :attr:`Source.rows`
 maps them to the *physical* rows of the file, which is what provenance records.
+
+Several reading threads may share a source. h5py holds the GIL and one file handle is not safe to
+read from several threads at once, so everything that goes through h5py or zarr (opening, indptr,
+obs columns, compressed data) is serialised by a lock per source; the positioned reads of
+uncompressed data and indices (``_direct.py``) run outside it, in parallel, without the GIL.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +50,11 @@ class Source:
     _handle: Any = field(default=None, repr=False)
     _fd: int | None = field(default=None, repr=False)
     _direct: dict | None = field(default=None, repr=False)
+    #: the first rows' first non-whole value (None: all whole), read when the file was first opened
+    peek_non_integer: float | None = field(default=None, repr=False)
+    peeked: bool = field(default=False, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _categorical: dict = field(default_factory=dict, repr=False)  # obs key -> (codes of every file row, categories)
 
     # -- layout -----------------------------------------------------------------------------
     @property
@@ -68,23 +79,25 @@ class Source:
         return runs(self.rows[start:stop])
 
     def _file(self) -> Any:
-        if self._handle is None or (isinstance(self._handle, h5py.File) and not self._handle.id.valid):
-            if not self.path.exists():
-                raise InputError(f"{self.name}: file no longer exists (it was there when the stream was scanned).")
-            self._handle = open_store(self.path, self.name)
-        return self._handle
+        with self._lock:
+            if self._handle is None or (isinstance(self._handle, h5py.File) and not self._handle.id.valid):
+                if not self.path.exists():
+                    raise InputError(f"{self.name}: file no longer exists (it was there when the stream was scanned).")
+                self._handle = open_store(self.path, self.name)
+            return self._handle
 
     def _matrix(self) -> Any:
         return self._file()[f"{self.prefix}{self.matrix_name}"]
 
     def close(self) -> None:
-        if self._handle is not None:
-            close_store(self._handle)
-        self._handle = None
-        if self._fd is not None:
-            os.close(self._fd)
-        self._fd = None
-        self._direct = None
+        with self._lock:
+            if self._handle is not None:
+                close_store(self._handle)
+            self._handle = None
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd = None
+            self._direct = None
 
     def _direct_readers(self, x: Any) -> tuple[DirectDataset, DirectDataset] | None:
         """GIL-free readers of data and indices, when stored in HDF5 without filters and checked against h5py."""
@@ -106,8 +119,9 @@ class Source:
     def obs_columns(self) -> list[str]:
         if self.adata is not None:
             return list(self.adata.obs.columns)
-        group = self._file()[f"{self.prefix}obs"]
-        return [k for k in group.keys() if k != group.attrs.get("_index", "_index")]
+        with self._lock:
+            group = self._file()[f"{self.prefix}obs"]
+            return [k for k in group.keys() if k != group.attrs.get("_index", "_index")]
 
     def read_labels(self, key: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Obs column ``key`` for logical rows ``[start, stop)``: (str values, None where missing; missing mask)."""
@@ -116,10 +130,25 @@ class Source:
             if key not in self.adata.obs.columns:
                 raise self._missing_column(key)
             return series_column(self.adata.obs[key].iloc[start:stop])
-        group = self._file()[f"{self.prefix}obs"]
-        if key not in group:
-            raise self._missing_column(key)
-        return self._read_runs(group[key], start, stop, f"{self.name}: obs column {key!r}")
+        cached = self._categorical.get(key)
+        if cached is None:
+            with self._lock:
+                group = self._file()[f"{self.prefix}obs"]
+                if key not in group:
+                    raise self._missing_column(key)
+                node = group[key]
+                if not (is_group(node) and node.attrs.get("encoding-type", "") == "categorical"):
+                    return self._read_runs(node, start, stop, f"{self.name}: obs column {key!r}")
+                # the codes of a whole file are small (1 byte a cell, mostly): read once, sliced per chunk
+                what = f"{self.name}: obs column {key!r}"
+                cats, _ = read_column(node["categories"], 0, node["categories"].shape[0], what)
+                cached = self._categorical[key] = (np.asarray(node["codes"][:]), cats)
+        codes, cats = cached
+        codes = codes[start:stop] if self.rows is None else codes[self.rows[start:stop]]
+        missing = codes < 0
+        out = np.empty(codes.size, dtype=object)
+        out[~missing] = cats[codes[~missing]]
+        return out, missing
 
     def read_obs_column(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Values of obs column ``key`` for logical rows ``[start, stop)`` (None where missing)."""
@@ -129,9 +158,10 @@ class Source:
         stop = self.n_obs if stop is None else stop
         if self.adata is not None:
             return self.adata.obs_names[start:stop].to_numpy(dtype=object)
-        group = self._file()[f"{self.prefix}obs"]
-        node = group[group.attrs.get("_index", "_index")]
-        return self._read_runs(node, start, stop, f"{self.name}: obs index")[0]
+        with self._lock:
+            group = self._file()[f"{self.prefix}obs"]
+            node = group[group.attrs.get("_index", "_index")]
+            return self._read_runs(node, start, stop, f"{self.name}: obs index")[0]
 
     def _read_runs(self, node: Any, start: int, stop: int, what: str) -> tuple[np.ndarray, np.ndarray]:
         parts = [read_column(node, lo, hi, what) for lo, hi in self._runs(start, stop)]
@@ -145,7 +175,8 @@ class Source:
         """The full obs rows ``rows`` (physical file rows, sorted, unique) of this source."""
         if self.adata is not None:
             return self.adata.obs.iloc[rows].copy()
-        obs = read_elem(self._file()[f"{self.prefix}obs"])
+        with self._lock:
+            obs = read_elem(self._file()[f"{self.prefix}obs"])
         return obs.iloc[rows].copy()
 
     def _missing_column(self, key: str) -> InputError:
@@ -171,25 +202,30 @@ class Source:
     def _read_file_rows(self, start: int, stop: int, buffers: ReadBuffers | None = None) -> CSRBlock:
         what = self.matrix_name
         try:
-            x = self._matrix()
-            if not is_group(x):
-                return block_from_matrix(x[start:stop])
-            ptr = np.asarray(x["indptr"][start : stop + 1])
-            lo, hi = int(ptr[0]), int(ptr[-1])
-            if hi > x["data"].shape[0] or hi > x["indices"].shape[0] or lo > hi or lo < 0:
-                raise InputError(f"{self.name}: {what} is truncated (rows {start}-{stop} point past the stored data).")
-            if buffers is None:
-                data = np.asarray(x["data"][lo:hi])
-                indices = np.asarray(x["indices"][lo:hi])
-            else:
-                data, indices = buffers.take(hi - lo, x["data"].dtype, x["indices"].dtype)
-                direct = self._direct_readers(x)
-                if direct is not None:  # positioned reads release the GIL
-                    direct[0].read_into(self._fd, lo, hi, data)
-                    direct[1].read_into(self._fd, lo, hi, indices)
+            with self._lock:  # h5py: one thread at a time per file
+                x = self._matrix()
+                if not is_group(x):
+                    return block_from_matrix(x[start:stop])
+                ptr = np.asarray(x["indptr"][start : stop + 1])
+                lo, hi = int(ptr[0]), int(ptr[-1])
+                if hi > x["data"].shape[0] or hi > x["indices"].shape[0] or lo > hi or lo < 0:
+                    raise InputError(
+                        f"{self.name}: {what} is truncated (rows {start}-{stop} point past the stored data)."
+                    )
+                direct = None
+                if buffers is None:
+                    data = np.asarray(x["data"][lo:hi])
+                    indices = np.asarray(x["indices"][lo:hi])
                 else:
-                    read_slice_into(x["data"], lo, hi, data)
-                    read_slice_into(x["indices"], lo, hi, indices)
+                    data, indices = buffers.take(hi - lo, x["data"].dtype, x["indices"].dtype)
+                    direct = self._direct_readers(x)
+                    fd = self._fd
+                    if direct is None:
+                        read_slice_into(x["data"], lo, hi, data)
+                        read_slice_into(x["indices"], lo, hi, indices)
+            if direct is not None:  # positioned reads release the GIL, and run in parallel outside the lock
+                direct[0].read_into(fd, lo, hi, data)
+                direct[1].read_into(fd, lo, hi, indices)
         except InputError:
             raise
         except (OSError, KeyError, ValueError, TypeError) as e:

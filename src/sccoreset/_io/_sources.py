@@ -18,6 +18,7 @@ from anndata import AnnData
 
 from .._errors import InputError
 from ._blocks import CSRBlock, ReadBuffers
+from ._checks import PEEK_ROWS, non_integer_example
 from ._nodes import SharedIndexes, close_store, is_group, open_store
 from ._source import Source
 
@@ -100,11 +101,29 @@ def _source_from_path(
                 raise InputError(f"{name}: has no layer {layer!r} (layers: {layers or 'none'}).")
         shape = _matrix_shape(f, key, name)
         var_names = _var_names(f, prefix, name, indexes)
+        peek = _peek(f[key], shape[0])
     finally:
         close_store(f)
     if len(var_names) != shape[1]:
         raise InputError(f"{name}: {key} has {shape[1]} columns but var has {len(var_names)} names.")
-    return Source(name=name, n_obs=int(shape[0]), var_names=var_names, path=path, mod=mod, layer=layer)
+    src = Source(name=name, n_obs=int(shape[0]), var_names=var_names, path=path, mod=mod, layer=layer)
+    if peek is not None:
+        src.peek_non_integer, src.peeked = peek[0], True
+    return src
+
+
+def _peek(x: Any, n_obs: int) -> tuple[float | None] | None:
+    """The counts check of the first rows, while the file is open anyway (None: leave it to the stream)."""
+    try:
+        if not is_group(x):
+            return (non_integer_example(np.asarray(x[: min(PEEK_ROWS, n_obs)]).ravel()),)
+        ptr = x["indptr"][: min(PEEK_ROWS, n_obs) + 1]
+        lo, hi = int(ptr[0]), int(ptr[-1])
+        if not 0 <= lo <= hi <= min(x["data"].shape[0], x["indices"].shape[0]):
+            return None  # damaged: the stream's own read reports it, naming the rows
+        return (non_integer_example(np.asarray(x["data"][lo:hi])),)
+    except Exception:  # noqa: BLE001 - any damage is reported by the stream's read of these rows
+        return None
 
 
 def _view_rows(adata: AnnData, name: str) -> np.ndarray | None:
@@ -126,6 +145,7 @@ def _with_rows(src: Source, rows: np.ndarray | None) -> Source:
     if rows is not None:
         src.rows = np.asarray(rows, dtype=np.int64)
         src.n_obs = int(src.rows.size)
+        src.peeked = False  # the view's first rows are other rows
     return src
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import threading
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -12,8 +14,8 @@ from tqdm.auto import tqdm
 from .._errors import InputError
 from .._io._checks import warn_if_not_counts
 from .._io._kernels import bad_row_message, csr_accumulate
-from .._io._prefetch import prefetch
-from .._io._sources import CSRBlock, Source, open_sources
+from .._io._parallel import default_workers, ordered_map
+from .._io._sources import ReadBuffers, Source, open_sources
 from .._utils import RandomState, as_rng, check_positive, logger
 from ._chunk_plan import plan_chunks
 from ._gene_space import GeneSpace
@@ -46,33 +48,51 @@ def accumulate_statistics(
     max_cells: int | None = None,
     random_state: RandomState = 0,
     progress: bool = False,
+    n_workers: int | None = None,
 ) -> tuple[np.ndarray, int]:
     """Sums over cells of x, x², log1p(x), log1p(x)² of normalized counts for every gene in ``genes``.
 
-    Returns the (4, n_genes) float64 sums and the number of cells read.
+    ``n_workers`` threads each read a block of rows (positioned reads) into their own buffers and sum
+    its statistics into a fresh float64 array; the consumer adds the blocks' sums in block order, so
+    the result is the same, bit for bit, whatever the number of workers. Returns the (4, n_genes) float64
+    sums and the number of cells read.
     """
     col_maps = [genes.get_indexer(s.var_names).astype(np.int32) for s in sources]
     plan = _sampled_plan(sources, max_cells, as_rng(random_state))
-    sums = np.zeros((4, len(genes)), dtype=np.float64)
+    sums = np.zeros((len(genes), 4), dtype=np.float64)  # gene-major: one cache line per element
+    n_workers = default_workers() if n_workers is None else n_workers
+    blocks = [seg for chunk in plan for seg in chunk]
+    remaining = Counter(f for f, _, _ in blocks)
+    lock = threading.Lock()
 
-    def blocks() -> Iterator[tuple[int, int, CSRBlock]]:
-        for chunk in plan:
-            for f, start, stop in chunk:
-                yield f, start, sources[f].read_rows(start, stop)
+    def one(seg: tuple[int, int, int], buffers: ReadBuffers) -> tuple[np.ndarray, int]:
+        f, start, stop = seg
+        src = sources[f]
+        try:
+            buffers.reset()
+            block = src.read_rows(start, stop, buffers)
+        finally:
+            with lock:
+                remaining[f] -= 1
+                last = remaining[f] == 0
+            if last:  # keep few files open on long streams
+                src.close()
+        acc = np.zeros_like(sums)
+        bad = np.zeros(block.n_rows, dtype=np.uint8)
+        if csr_accumulate(block.data, block.indices, block.indptr, col_maps[f], target_sum, acc, bad):
+            rows = src.physical_rows(start, start + block.n_rows)
+            raise InputError(bad_row_message(bad, rows, 0, src.name, src.matrix_name))
+        return acc, block.n_rows
 
     n_cells = 0
-    total = sum(stop - start for chunk in plan for _, start, stop in chunk)
+    total = sum(stop - start for _, start, stop in blocks)
+    results = ordered_map(one, blocks, n_workers=n_workers, depth=1, state=ReadBuffers, name="sccoreset-fit")
     with tqdm(total=total, desc="gene statistics", unit="cells", disable=not progress) as bar:
-        for f, start, block in prefetch(blocks, depth=2):
-            bad = np.zeros(block.n_rows, dtype=np.uint8)
-            n_bad = csr_accumulate(block.data, block.indices, block.indptr, col_maps[f], target_sum, sums, bad)
-            if n_bad:
-                src = sources[f]
-                rows = src.physical_rows(start, start + block.n_rows)
-                raise InputError(bad_row_message(bad, rows, 0, src.name, src.matrix_name))
-            n_cells += block.n_rows
-            bar.update(block.n_rows)
-    return sums, n_cells
+        for acc, n in results:
+            sums += acc
+            n_cells += n
+            bar.update(n)
+    return np.ascontiguousarray(sums.T), n_cells
 
 
 def fit_gene_space(
@@ -87,6 +107,7 @@ def fit_gene_space(
     mod: str | None = None,
     layer: str | None = None,
     progress: bool = False,
+    n_workers: int | None = None,
 ) -> GeneSpace:
     """Fit the global gene list and scaling statistics in one streaming pass over the files.
 
@@ -119,16 +140,21 @@ def fit_gene_space(
         Read counts from ``layers[layer]`` instead of ``X``.
     progress
         Show a progress bar.
+    n_workers
+        Threads reading and summing blocks of rows in parallel (default: the CPUs this process may
+        use, at most 8). The statistics are the same, bit for bit, whatever the number.
 
     Returns
     -------
     The fitted :class:`~sccoreset.pp.GeneSpace`.
     """
-    check_positive(n_top_genes=n_top_genes, target_sum=target_sum, max_value=max_value, max_cells=max_cells)
+    check_positive(
+        n_top_genes=n_top_genes, target_sum=target_sum, max_value=max_value, max_cells=max_cells, n_workers=n_workers
+    )
     with open_sources(files, mod=mod, layer=layer) as sources:
         return fit_sources(
             sources, n_top_genes=n_top_genes, gene_list=gene_list, target_sum=target_sum, max_value=max_value,
-            max_cells=max_cells, random_state=random_state, progress=progress,
+            max_cells=max_cells, random_state=random_state, progress=progress, n_workers=n_workers,
         )  # fmt: skip
 
 
@@ -142,6 +168,7 @@ def fit_sources(
     max_cells: int | None = None,
     random_state: RandomState = 0,
     progress: bool = False,
+    n_workers: int | None = None,
 ) -> GeneSpace:
     """:func:`fit_gene_space` on already opened sources (the caller closes them)."""
     warn_if_not_counts(sources)
@@ -159,8 +186,9 @@ def fit_sources(
     else:
         genes = union
     sums, n_cells = accumulate_statistics(
-        sources, genes, target_sum=target_sum, max_cells=max_cells, random_state=random_state, progress=progress
-    )
+        sources, genes, target_sum=target_sum, max_cells=max_cells, random_state=random_state, progress=progress,
+        n_workers=n_workers,
+    )  # fmt: skip
     if gene_list is None:
         disp = seurat_dispersions(sums[0], sums[1], n_cells)["dispersions_norm"].to_numpy()
         keep = top_genes(disp, n_top_genes)

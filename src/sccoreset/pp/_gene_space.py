@@ -11,7 +11,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import InputError
-from .._io._kernels import bad_row_message, csr_transform
+from .._io._kernels import bad_row_message, csr_transform, csr_transform_serial
 
 
 @dataclass
@@ -99,18 +99,20 @@ class GeneSpace:
         out: np.ndarray | None = None,
         rows: np.ndarray | None = None,
         what: str = "X",
+        parallel: bool = True,
     ) -> np.ndarray:
         """Transform CSR arrays of raw counts (columns given by ``col_map``) into float32 features.
 
         ``out`` (float32, C-contiguous, ``(n_rows, n_genes)``) receives the result when given.
         Errors name row ``row_offset + i`` of ``source``, or ``rows[i]`` when ``rows`` is given,
-        and the matrix ``what`` (``X`` or ``layers/<name>``).
+        and the matrix ``what`` (``X`` or ``layers/<name>``). ``parallel=False`` runs the kernel in the
+        calling thread only (for reader threads that each transform their own chunk).
         """
         n = indptr.size - 1
         if out is None:
             out = np.empty((n, self.n_genes), dtype=np.float32)
         bad = np.zeros(n, dtype=np.uint8)
-        csr_transform(
+        (csr_transform if parallel else csr_transform_serial)(
             data,
             indices,
             indptr,
