@@ -38,6 +38,19 @@ def main():
     print(f"  training:                    {h['train_seconds'].sum():.1f} s")
     print(f"  selection:                   {h['select_seconds'].sum():.1f} s")
     print(f"  per-step wait (s):           {np.round(h['wait_seconds'], 2).tolist()}")
+    import anndata as ad
+
+    from sccoreset._engine._metrics import classification_metrics
+
+    held = ad.read_h5ad(stream.holdout)
+    scc.tl.predict(held, cs)
+    classes = [str(c) for c in cs.uns["sccoreset"]["classes"]]
+    lookup = {c: i for i, c in enumerate(classes)}
+    truth = np.array([lookup[c] for c in held.obs[stream.label_key].astype(str)])
+    pred = np.array([lookup[c] for c in held.obs["sccoreset_prediction"].astype(str)])
+    m = classification_metrics(truth, pred, len(classes))
+    print(f"  held-out macro-F1:           {m['macro_f1']:.4f} (accuracy {m['accuracy']:.4f}, {held.n_obs} cells)")
+    print(f"  speed-up over the 33.2 s of the first build (same machine, quiet): {33.2 / wall:.2f}x")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ from importlib.metadata import PackageNotFoundError, version
 from . import datasets, pl, pp, tl
 from ._errors import InputError
 from ._io._checks import NotRawCountsWarning
+from ._io._labels import MissingLabelsWarning
 
 try:
     __version__ = version("sccoreset")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["InputError", "NotRawCountsWarning", "datasets", "pl", "pp", "tl"]
+__all__ = ["InputError", "MissingLabelsWarning", "NotRawCountsWarning", "datasets", "pl", "pp", "tl"]

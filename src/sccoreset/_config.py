@@ -117,9 +117,21 @@ class StreamConfig:
         "bounds a small model's step); False trains eagerly.",
         compared=False,
     )
+    tf32: bool = _opt(
+        True,
+        "On a GPU, let float32 matrix products use TensorFloat-32 while training (about 30% faster steps; "
+        "10-bit mantissa products, float32 sums). The global setting is restored afterwards.",
+        compared=False,
+    )
     compile: bool = _opt(
         False,
         "On a GPU, fuse the step's elementwise work with torch.compile (about a minute of compilation at the start).",
+        compared=False,
+    )
+    n_workers: int | None = _opt(
+        None,
+        "Threads that read and transform chunks in parallel, in order (default: the CPUs this process may use, "
+        "at most 8). Each holds one chunk.",
         compared=False,
     )
     prefetch: int = _opt(1, "Chunks read ahead in the background (0: read in the calling thread).", compared=False)
@@ -157,6 +169,8 @@ class StreamConfig:
             _check_int(name, getattr(self, name), low=0)
         if self.block_size is not None:
             _check_int("block_size", self.block_size, low=1)
+        if self.n_workers is not None:
+            _check_int("n_workers", self.n_workers, low=1)
         if not all(isinstance(h, int | np.integer) and not isinstance(h, bool) and h > 0 for h in self.hidden):
             raise InputError(f"hidden must be a tuple of positive ints, got {self.hidden!r}.")
         _check_number("lr", self.lr, low=0.0, low_open=True)
@@ -173,7 +187,7 @@ class StreamConfig:
         check_choice("class_budget", self.class_budget, ClassBudget)
         check_choice("order", self.order, Order)
         check_choice("missing_labels", self.missing_labels, MissingLabels)
-        for name in ("balance_loss", "resume", "progress", "cuda_graphs", "compile"):
+        for name in ("balance_loss", "resume", "progress", "cuda_graphs", "compile", "tf32"):
             if not isinstance(getattr(self, name), bool | np.bool_):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if not isinstance(self.random_state, int | np.integer | np.random.Generator | type(None)) or isinstance(

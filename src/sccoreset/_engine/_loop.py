@@ -226,6 +226,15 @@ class StreamLoop:
 
     def _train(self, X: torch.Tensor, y: np.ndarray, epochs: int, stored: torch.Tensor, is_buffer: torch.Tensor):
         """Epochs on the merged set: through a CUDA graph on a GPU, else eagerly (same loss, same orders)."""
+        tf32 = self.device.type == "cuda" and self.cfg.tf32
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = before or tf32
+        try:
+            return self._train_epochs(X, y, epochs, stored, is_buffer)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+
+    def _train_epochs(self, X, y, epochs, stored, is_buffer):
         cfg = self.cfg
         weights = None
         if self.world > 1:  # class weights from the whole merged set, the same on every rank

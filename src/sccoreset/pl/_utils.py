@@ -12,12 +12,12 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 
 from .._errors import InputError
+from ..tl._record import find_record
 
 
 def record(coreset: AnnData) -> dict[str, Any]:
-    if "sccoreset" not in coreset.uns:
-        raise InputError("coreset: no uns['sccoreset']; pass the AnnData returned by sccoreset.tl.stream_train.")
-    return coreset.uns["sccoreset"]
+    """The stream_train record in ``coreset.uns`` (``"sccoreset"`` or the ``key_added`` of the run)."""
+    return find_record(coreset)
 
 
 def class_colors(coreset: AnnData, classes: Sequence[str]) -> list:

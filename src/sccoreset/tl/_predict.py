@@ -12,15 +12,14 @@ from .._engine._model import load_model
 from .._errors import InputError
 from ..pp._gene_space import GeneSpace
 from ._device import resolve_device
+from ._record import find_record
 
 
 def load_classifier(
     coreset: AnnData, model: torch.nn.Module | None = None
 ) -> tuple[torch.nn.Module, GeneSpace, list[str]]:
     """The trained model, its gene space and label order, from a coreset (in memory or read from disk)."""
-    if "sccoreset" not in coreset.uns:
-        raise InputError("coreset: no uns['sccoreset']; pass the AnnData returned by sccoreset.tl.stream_train.")
-    rec = coreset.uns["sccoreset"]
+    rec = find_record(coreset)
     gs = GeneSpace.from_dict(rec["gene_space"])
     return load_model(rec["model"], model), gs, [str(c) for c in np.asarray(rec["classes"])]
 
@@ -133,7 +132,7 @@ def predict(
             "over_clustering": "None" if over_clustering is None else str(over_clustering),
             "majority_voting": bool(majority_voting),
             "model": "stored" if model is None else type(model).__name__,
-            "coreset_label_key": str(coreset.uns["sccoreset"].get("label_key", "")),
+            "coreset_label_key": str(find_record(coreset).get("label_key", "")),
         },
         "classes": np.asarray(classes, dtype=str),
     }

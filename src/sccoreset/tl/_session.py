@@ -40,7 +40,7 @@ def eval_arrays(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features and integer labels of the evaluation data (AnnData/MuData or paths)."""
     with open_sources(eval_data, mod=cfg.mod, layer=cfg.layer) as sources:
-        reader = ChunkReader(sources, gene_space, label_key, missing_labels=cfg.missing_labels)
+        reader = ChunkReader(sources, gene_space, label_key, missing_labels=cfg.missing_labels, n_workers=cfg.n_workers)
         chunks = [reader.read(0, [(f, 0, s.n_obs)]) for f, s in enumerate(sources)]
     X = np.concatenate([c.X for c in chunks])
     labels = np.concatenate([c.labels for c in chunks])
@@ -102,12 +102,18 @@ class StreamRun:
         if gene_space is None:
             # under DDP rank 0 fits the gene space and hands it to the others
             if self.rank == 0:
-                gene_space = fit_sources(self.sources, n_top_genes=cfg.n_top_genes, progress=cfg.progress)
+                gene_space = fit_sources(
+                    self.sources, n_top_genes=cfg.n_top_genes, progress=cfg.progress, n_workers=cfg.n_workers
+                )
             gene_space = broadcast_object(gene_space)
         else:
             warn_if_not_counts(self.sources)
         self.gene_space = gene_space
-        self.reader = ChunkReader(self.sources, gene_space, label_key, missing_labels=cfg.missing_labels)
+        # on a GPU the reader writes chunks into pinned memory, so uploads are asynchronous DMA copies
+        self.reader = ChunkReader(
+            self.sources, gene_space, label_key, missing_labels=cfg.missing_labels, n_workers=cfg.n_workers,
+            pin_memory=str(self.device).startswith("cuda"),
+        )  # fmt: skip
         for f in range(len(self.sources)):
             self.reader.col_map(f)  # gene alignment errors before any training
         eval_set = eval_arrays(eval_data, gene_space, label_key, self.classes, cfg) if eval_data is not None else None
