@@ -324,6 +324,11 @@ def test_unknown_option_name_suggests_the_right_one(good):
         ("max_chunk_fraction", 0, "max_chunk_fraction must be in (0.0, 1.0], got 0."),
         ("drop_hard", 1, "drop_hard must be in [0.0, 1.0), got 1."),
         ("hidden", (0,), "hidden must be a tuple of positive ints, got (0,)."),
+        ("hidden", 5, "hidden must be a tuple of positive ints (() for a linear model), got 5."),
+        ("checkpoint_dir", 5, "checkpoint_dir must be a path, got 5."),
+        ("random_state", -1, "random_state must be a non-negative int, got -1."),
+        ("device", "tpu", "device must be 'cuda', 'cuda:N', 'mps' or 'cpu', got 'tpu'."),
+        ("n_workers", 0, "n_workers must be positive, got 0."),
         ("random_state", "abc", "random_state must be an int, a numpy Generator or None, got 'abc'."),
         ("missing_labels", "drop", "missing_labels must be one of ('skip', 'error'), got 'drop'."),
         ("key_added", "", "key_added must be a non-empty string, got ''."),
@@ -357,7 +362,7 @@ def test_checkpoint_of_an_older_schema_or_not_a_torch_file(tmp_path, good):
     (junk / CHECKPOINT_NAME).write_bytes(b"this is not a torch checkpoint\n" * 8)
     with pytest.raises(InputError, match=r"old/sccoreset_checkpoint\.pt: checkpoint schema 1 is not \d+"):
         read_checkpoint(old)
-    with pytest.raises(InputError, match=r"junk/sccoreset_checkpoint\.pt: cannot read the checkpoint"):
+    with pytest.raises(InputError, match=r"junk/sccoreset_checkpoint\.pt: not a readable sccoreset checkpoint"):
         read_checkpoint(junk)
     kw = dict(chunk_size=30, buffer_size=10, progress=False)  # the same through stream_train(resume=True)
     with pytest.raises(InputError, match=r"old/sccoreset_checkpoint\.pt: checkpoint schema 1"):

@@ -111,5 +111,5 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, small_stream):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / CHECKPOINT_NAME).write_bytes(b"garbage")
-    with pytest.raises(InputError, match="cannot read the checkpoint"):
+    with pytest.raises(InputError, match="not a readable sccoreset checkpoint"):
         scc.tl.stream_train(small_stream.files, "cell_type", checkpoint_dir=ckpt, resume=True, progress=False, **KW)

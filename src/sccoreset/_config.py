@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import numpy as np
+import torch
 
 from ._errors import InputError
 
@@ -77,7 +78,7 @@ class StreamConfig:
     # -- the model and its training ----------------------------------------------------------
     epochs_per_step: int = _opt(5, "Epochs over the buffer and the chunk at every step.")
     batch_size: int = _opt(256, "Minibatch size.")
-    hidden: tuple[int, ...] = _opt((256, 128), "Hidden layer sizes of the default MLP.")
+    hidden: tuple[int, ...] = _opt((256, 128), "Hidden layer sizes of the default MLP (``()``: a linear model).")
     lr: float = _opt(1e-3, "AdamW learning rate.")
     balance_loss: bool = _opt(True, "Weight the loss by inverse class frequency within each merged set.")
     distill: float = _opt(0.5, "Weight of the logit-replay loss on buffer cells (0 turns it off).")
@@ -155,8 +156,14 @@ class StreamConfig:
 
     def __post_init__(self) -> None:
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
+            if not isinstance(self.checkpoint_dir, os.PathLike):
+                raise InputError(f"checkpoint_dir must be a path, got {self.checkpoint_dir!r}.")
             object.__setattr__(self, "checkpoint_dir", os.fspath(self.checkpoint_dir))
+        if not isinstance(self.hidden, tuple | list):
+            raise InputError(f"hidden must be a tuple of positive ints (() for a linear model), got {self.hidden!r}.")
         object.__setattr__(self, "hidden", tuple(self.hidden))
+        if self.device is not None and not isinstance(self.device, str):
+            object.__setattr__(self, "device", str(self.device))  # a torch.device
         self._validate()
         # a Generator's state changes as the run draws from it: take its key once, at the start
         object.__setattr__(self, "_seed_key", self._make_seed_key())
@@ -190,10 +197,18 @@ class StreamConfig:
         for name in ("balance_loss", "resume", "progress", "cuda_graphs", "compile", "tf32"):
             if not isinstance(getattr(self, name), bool | np.bool_):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}.")
-        if not isinstance(self.random_state, int | np.integer | np.random.Generator | type(None)) or isinstance(
-            self.random_state, bool
-        ):
-            raise InputError(f"random_state must be an int, a numpy Generator or None, got {self.random_state!r}.")
+        rs = self.random_state
+        if not isinstance(rs, int | np.integer | np.random.Generator | type(None)) or isinstance(rs, bool):
+            raise InputError(f"random_state must be an int, a numpy Generator or None, got {rs!r}.")
+        if isinstance(rs, int | np.integer) and rs < 0:
+            raise InputError(f"random_state must be a non-negative int, got {rs!r}.")
+        if self.device is not None:
+            try:
+                kind = torch.device(self.device).type
+            except (RuntimeError, TypeError) as e:
+                raise InputError(f"device must be 'cuda', 'cuda:N', 'mps' or 'cpu', got {self.device!r}.") from e
+            if kind not in ("cpu", "cuda", "mps"):
+                raise InputError(f"device must be 'cuda', 'cuda:N', 'mps' or 'cpu', got {self.device!r}.")
         if self.buffer_size >= self.chunk_size:
             raise InputError(f"buffer_size ({self.buffer_size}) must be smaller than chunk_size ({self.chunk_size}).")
         if self.resume and self.checkpoint_dir is None:

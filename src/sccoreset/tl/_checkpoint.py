@@ -105,7 +105,11 @@ def read_checkpoint(directory: str | os.PathLike) -> dict[str, Any] | None:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise InputError(f"{path}: cannot read the checkpoint ({e}).") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"{path}: not a readable sccoreset checkpoint ({type(e).__name__}: {reason[:200]}); "
+            "delete it or use another checkpoint_dir."
+        ) from e
     version = raw.get("schema_version") if isinstance(raw, dict) else None
     if version != SCHEMA_VERSION:
         raise InputError(

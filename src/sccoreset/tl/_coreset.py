@@ -37,7 +37,7 @@ def _counts_on_genes(sources: Sequence[Source], buffer: Buffer, gene_space: Gene
             (np.ones(keep.sum(), np.float32), (np.flatnonzero(keep), col_map[keep])),
             shape=(len(src.var_names), gene_space.n_genes),
         )
-        parts.append((m @ proj).astype(np.float32))
+        parts.append((m @ proj).astype(np.float32, copy=False))
         where.append(order)
     stacked = sp.vstack(parts, format="csr")
     inverse = np.empty(n, dtype=np.int64)
@@ -55,12 +55,14 @@ def _obs(
     for f in np.unique(files):
         sel = np.flatnonzero(files == f)
         order = sel[np.argsort(rows[sel], kind="stable")]
-        frames.append(sources[f].read_obs(rows[order]).reset_index(drop=True))
+        frames.append(sources[f].read_obs(rows[order]))
         where.append(order)
-    obs = pd.concat(frames, ignore_index=True)
+    cell_names = np.concatenate([np.asarray(fr.index, dtype=object).astype(str) for fr in frames])
+    obs = pd.concat([fr.reset_index(drop=True) for fr in frames], ignore_index=True)
     inverse = np.empty(len(buffer), dtype=np.int64)
     inverse[np.concatenate(where)] = np.arange(len(buffer))
     obs = obs.iloc[inverse].reset_index(drop=True)
+    cell_names = cell_names[inverse]
     for col in obs.columns:  # columns missing from some files: keep h5ad-writable dtypes
         if obs[col].dtype == object:
             obs[col] = pd.Categorical(obs[col].astype(str))
@@ -72,7 +74,7 @@ def _obs(
     obs[f"{prefix}_step_added"] = buffer.provenance["step_added"].astype(np.int64)
     for key in SCORE_NAMES:
         obs[f"{prefix}_{key}"] = np.asarray(buffer.scores[key], dtype=np.float64)
-    obs.index = pd.Index(buffer.provenance["obs_name"].astype(str))
+    obs.index = pd.Index(cell_names, dtype=object)
     if obs.index.has_duplicates:  # the same obs name in two files: make them unique, keep the original
         obs[f"{prefix}_obs_name"] = obs.index.to_numpy()
         obs.index = [f"{n}-{f}" for n, f in zip(obs.index, files, strict=True)]

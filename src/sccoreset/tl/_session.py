@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from anndata import AnnData
 
@@ -112,7 +113,7 @@ class StreamRun:
         # on a GPU the reader writes chunks into pinned memory, so uploads are asynchronous DMA copies
         self.reader = ChunkReader(
             self.sources, gene_space, label_key, missing_labels=cfg.missing_labels, n_workers=cfg.n_workers,
-            pin_memory=str(self.device).startswith("cuda"),
+            pin_memory=str(self.device).startswith("cuda"), obs_names=False,
         )  # fmt: skip
         for f in range(len(self.sources)):
             self.reader.col_map(f)  # gene alignment errors before any training
@@ -155,11 +156,11 @@ class StreamRun:
         return len(self.plan)
 
     def _chunks(self) -> Iterator[ChunkData]:
-        lookup = {c: i for i, c in enumerate(self.classes)}
+        lookup = pd.Index(self.classes)
         plan = shard_plan(self.plan, self.rank, self.world) if self.world > 1 else self.plan
         for chunk in self.reader.iterate(plan, start=self.loop.step, prefetch=self.cfg.prefetch):
-            y = np.fromiter((lookup[v] for v in chunk.labels), dtype=np.int64, count=len(chunk))
-            prov = {"file": chunk.file_index.astype(np.int64), "row": chunk.row, "obs_name": chunk.obs_names}
+            y = lookup.get_indexer(chunk.labels).astype(np.int64)  # every label is in the scanned set
+            prov = {"file": chunk.file_index.astype(np.int64), "row": chunk.row}
             yield ChunkData(chunk.index, chunk.X, y, prov, n_skipped=int(getattr(chunk, "n_skipped", 0)))
 
     def events_iter(self) -> Iterator[StepEvent]:
