@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 
 import sccoreset as scc
+from sccoreset._utils import h5ad_safe_strings
 
 DATA = Path(__file__).parent / "_data"
 
@@ -303,7 +304,9 @@ def _split(files, parts, out_dir):
             if not out.exists():
                 a = ad.read_h5ad(f) if a is None else a
                 n = a.n_obs // parts
-                a[part * n : (part + 1) * n].copy().write_h5ad(out)
+                piece = a[part * n : (part + 1) * n].copy()
+                piece.obs, piece.var = h5ad_safe_strings(piece.obs), h5ad_safe_strings(piece.var)  # pandas 3 strings
+                piece.write_h5ad(out)
             split.append(str(out))
     return split
 
@@ -420,18 +423,7 @@ def main():
     adata.uns["gene_space"] = gs.to_dict()
     adata.write_h5ad(gs_path)
     # the same 100,000 cells split into 100 files, and the 10 files linked 10 times (1,000,000 cells)
-    split_dir = DATA / "io_split"
-    split_dir.mkdir(exist_ok=True)
-    split = []
-    for f in files:
-        a = None
-        for part in range(10):
-            out = split_dir / f"{Path(f).stem}_part{part}.h5ad"
-            if not out.exists():
-                a = ad.read_h5ad(f) if a is None else a
-                n = a.n_obs // 10
-                a[part * n : (part + 1) * n].copy().write_h5ad(out)
-            split.append(str(out))
+    split = _split(files, 10, DATA / "io_split")
     peaks = {}
     runs = [("10 files", files), ("100 files", split), ("100 files, 10x cells", _linked(files))]
     for label, fs in runs:

@@ -24,8 +24,11 @@ class Dynamics:
     are exact in float32 up to 2**24 epochs).
     """
 
-    def __init__(self, n: int, device: str | torch.device = "cpu") -> None:
+    def __init__(self, n: int, device: str | torch.device = "cpu", n_classes: int | None = None) -> None:
         self.stats = torch.zeros((n, 7), dtype=torch.float32, device=device)
+        # the logits of the current epoch, written by index per minibatch (one kernel) and turned into
+        # statistics once per epoch: each cell is seen once an epoch, so this equals per-batch updates
+        self.epoch_logits = None if n_classes is None else torch.zeros((n, n_classes), device=device)
 
     def reset(self) -> None:
         self.stats.zero_()
@@ -34,12 +37,26 @@ class Dynamics:
         """The statistics of the first ``n`` cells (a view)."""
         out = Dynamics.__new__(Dynamics)
         out.stats = self.stats[:n]
+        out.epoch_logits = None if self.epoch_logits is None else self.epoch_logits[:n]
         return out
 
     @torch.no_grad()
-    def update(self, idx: torch.Tensor, logits: torch.Tensor, log_p_true: torch.Tensor, y: torch.Tensor) -> None:
-        """Record one minibatch: ``idx`` (unique within the batch) its cells, ``log_p_true`` log p(true class)."""
+    def record(self, idx: torch.Tensor, logits: torch.Tensor) -> None:
+        """Keep a minibatch's logits until the end of the epoch (``idx`` unique within the epoch)."""
+        self.epoch_logits[idx] = logits.detach().float()
+
+    @torch.no_grad()
+    def end_epoch(self, y: torch.Tensor) -> None:
+        """Fold the epoch's logits of all ``len(y)`` cells into the statistics."""
+        n = y.shape[0]
+        self.update(torch.arange(n, device=y.device), self.epoch_logits[:n], None, y)
+
+    @torch.no_grad()
+    def update(self, idx: torch.Tensor, logits: torch.Tensor, log_p_true: torch.Tensor | None, y: torch.Tensor) -> None:
+        """Record cells ``idx`` (unique) with their logits; ``log_p_true`` (log p(true class)) is derived if None."""
         logits = logits.detach().float()
+        if log_p_true is None:
+            log_p_true = torch.log_softmax(logits, 1).gather(1, y[:, None])[:, 0]
         log_p_true = log_p_true.detach()
         old = self.stats[idx]
         true_logit = logits.gather(1, y[:, None])[:, 0]

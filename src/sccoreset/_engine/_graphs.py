@@ -43,11 +43,10 @@ class GraphedTrainer:
         self.w = torch.ones(n_classes, device=dev)
         self.idx = torch.arange(batch_size, device=dev)
         self.loss_acc = torch.zeros((), device=dev)
-        self.dyn = Dynamics(capacity, dev)
+        self.dyn = Dynamics(capacity, dev, n_classes)
         self.graph: torch.cuda.CUDAGraph | None = None
         # torch.compile fuses the elementwise work of forward, loss and dynamics into few kernels
         self._forward = torch.compile(self._forward_loss, dynamic=False) if compile else self._forward_loss
-        self._update = torch.compile(self.dyn.update, dynamic=False) if compile else self.dyn.update
 
     def _forward_loss(self, idx: torch.Tensor):
         xb, yb = self.X[idx], self.y[idx]
@@ -59,14 +58,14 @@ class GraphedTrainer:
             mb = self.buf_weight[idx]
             sq = (logits.float() - self.stored[idx]).square().sum(1)
             loss = loss + self.distill * (sq * mb).sum() / (mb.sum() * logits.shape[1]).clamp_min(1.0)
-        return loss, logits, log_p_true, yb
+        return loss, logits
 
     def _step(self, idx: torch.Tensor, *, full: bool = True) -> None:
-        loss, logits, log_p_true, yb = self._forward(idx) if full else self._forward_loss(idx)
+        loss, logits = self._forward(idx) if full else self._forward_loss(idx)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=False)
-        (self._update if full else self.dyn.update)(idx, logits, log_p_true, yb)
+        self.dyn.record(idx, logits)
         self.loss_acc += loss.detach() * idx.numel()
 
     def _capture(self) -> None:
@@ -134,5 +133,6 @@ class GraphedTrainer:
                     self.graph.replay()
                 else:
                     self._step(orders[e, lo:n], full=False)
+            self.dyn.end_epoch(self.y[:n])
             losses[e] = self.loss_acc
         return self.dyn.head(n), (losses / max(n, 1)).tolist()
