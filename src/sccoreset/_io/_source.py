@@ -29,6 +29,7 @@ from .._utils import logger
 from ._blocks import CSRBlock, ReadBuffers, block_from_matrix, concat_blocks, empty_block, runs, take_rows
 from ._direct import DirectDataset
 from ._nodes import close_store, is_group, open_store, read_column, read_elem, read_slice_into, series_column
+from ._obs_rows import UnsupportedEncoding, read_obs_rows
 
 SPAN_DENSITY = 32  # read a whole span when the wanted rows are at least 1 in 32 of it
 
@@ -178,7 +179,11 @@ class Source:
         if self.adata is not None:
             return self.adata.obs.iloc[rows].copy()
         with self._lock:
-            obs = read_elem(self._file()[f"{self.prefix}obs"])
+            group = self._file()[f"{self.prefix}obs"]
+            try:
+                return read_obs_rows(group, rows)  # just these rows, column by column
+            except UnsupportedEncoding:
+                obs = read_elem(group)
         return obs.iloc[rows].copy()
 
     def _missing_column(self, key: str) -> InputError:
