@@ -34,7 +34,12 @@ F32 = 4  # bytes of a float32 feature; CSR data (float32) + indices (int32) cost
 OBS_BYTES_PER_CELL = 100  # per cell of a live chunk: obs name (a Python str + pointer), label pointer, file, row
 
 
-def predicted_mib(chunk_size: int, buffer_size: int, prefetch: int, n_genes: int, nnz_per_cell: float) -> float:
+N_WORKERS = 2  # reading threads, fixed so the formula does not depend on the machine
+
+
+def predicted_mib(
+    chunk_size: int, buffer_size: int, prefetch: int, n_genes: int, nnz_per_cell: float, n_workers: int = N_WORKERS
+) -> float:
     """Predicted peak host memory of stream_train above a process that has imported and opened everything (MiB).
 
     k = chunk_size, m = buffer_size, p = prefetch, G = genes of the gene space, z = nonzeros per cell of the
@@ -50,11 +55,17 @@ def predicted_mib(chunk_size: int, buffer_size: int, prefetch: int, n_genes: int
     # next chunk is transformed while the current one is still referenced: 2. The recycler keeps up to 3
     # arrays alive (and resident) even when idle, so these are resident for the whole run.
     n_dense = p + 2 if p > 0 else 2
+    w = n_workers
+    if w > 1:
+        # parallel reader (io/_parallel.py): up to p + w chunks in flight besides the one the loop holds
+        n_dense = p + w + 1
     # Raw CSR row blocks (io/_sources.py ReadBuffers): data + indices of a whole chunk, k * z * 8 bytes,
     # plus indptr (k + 1) * 8. Two pooled buffers with prefetch (one being filled while the other is
     # transformed), one without. Pooled buffers stay touched (resident) between chunks; their 1.5x growth
     # headroom is never written, so it is not resident.
     n_raw = 2 if p > 0 else 1
+    if w > 1:
+        n_raw = w  # every worker reads into read buffers of its own
     raw_chunk = k * z * (4 + 4) + (k + 1) * 8
     # Obs names, labels and provenance of every live chunk (small).
     obs = (n_dense + n_raw) * k * OBS_BYTES_PER_CELL
@@ -67,15 +78,16 @@ def predicted_mib(chunk_size: int, buffer_size: int, prefetch: int, n_genes: int
     return (n_dense * dense_chunk + n_raw * raw_chunk + obs + engine) / MIB
 
 
-def configs(scale: float) -> list[dict]:
+def configs(scale: float, sweep_only: str = "all") -> list[dict]:
     """chunk_size sweep, buffer_size sweep at chunk 20k, prefetch sweep (scaled down with --quick)."""
 
     def c(chunk, buffer, prefetch):
         return {"chunk_size": int(chunk * scale), "buffer_size": int(buffer * scale), "prefetch": prefetch}
 
     sweep = [c(k, 2000, 1) for k in (10_000, 20_000, 40_000)]
-    sweep += [c(20_000, m, 1) for m in (1000, 2000, 4000)]
-    sweep += [c(20_000, 2000, p) for p in (0, 1, 2)]
+    if sweep_only == "all":
+        sweep += [c(20_000, m, 1) for m in (1000, 2000, 4000)]
+        sweep += [c(20_000, 2000, p) for p in (0, 1, 2)]
     unique = []
     for cfg in sweep:
         if cfg not in unique:
@@ -101,7 +113,14 @@ def child(spec: dict) -> None:
     gs = pickle.loads(Path(spec["gene_space"]).read_bytes())
     scc.pp.scan(spec["files"], spec["label_key"])
     out = {"rss_ready_mib": rss_mib(), "torch_threads": torch.get_num_threads()}
-    fixed = {"epochs_per_step": 1, "final_epochs": 1, "progress": False, "device": "cpu", "random_state": 0}
+    fixed = {
+        "epochs_per_step": 1,
+        "final_epochs": 1,
+        "progress": False,
+        "device": "cpu",
+        "random_state": 0,
+        "n_workers": N_WORKERS,
+    }
     if spec["mode"] == "warm":  # numba kernels loaded, torch's first training step, threads, anndata writing
         scc.tl.stream_train(spec["tiny"], spec["label_key"], gene_space=gs, chunk_size=200, buffer_size=50, **fixed)
     elif spec["mode"] == "run":
@@ -188,6 +207,7 @@ def retabulate(path: str) -> None:
 
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--sweep", choices=["all", "chunk"], default="all", help="all sweeps, or chunk_size only")
     p.add_argument("--quick", action="store_true", help="3 files x 4,000 cells x 2,000 genes, sizes / 10")
     p.add_argument("--files", type=int, default=None)
     p.add_argument("--cells-per-file", type=int, default=None)
@@ -246,7 +266,7 @@ def main():
     print_header(record)
     base_mib, warm_mib = record["baseline"]["peak_rss_mib"], record["warm_baseline"]["peak_rss_mib"]
     rows = []
-    for cfg in configs(scale):
+    for cfg in configs(scale, args.sweep):
         res = run_child({**spec, "mode": "run", "config": cfg}, tmp)
         row = {**cfg, **res, "nnz_per_cell": densest_chunk_nnz(row_nnz, cfg["chunk_size"])}
         rows.append(table_row(row, base_mib, warm_mib, G))

@@ -13,16 +13,16 @@ import argparse
 import contextlib
 import logging
 import os
-import secrets
 import sys
 import time
-import types
 import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any
 
-from ._config import StreamConfig, option_fields
+from ._cli_flags import add_config_flags, config_options, flag  # noqa: F401 (flag: part of the CLI's API)
+from ._cli_io import check_out, process_group, read_gene_space, write_h5ad_atomic
+from ._config import StreamConfig
 from ._errors import InputError
 from ._utils import logger
 
@@ -31,79 +31,6 @@ USAGE_ERROR = 2
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-# -- flags made from StreamConfig's fields -------------------------------------------------------
-def _none_or(base: type) -> typing.Callable[[str], Any]:
-    """A converter for an optional ``int`` / ``float``: ``none`` (any case) gives None."""
-
-    def convert(text: str) -> Any:
-        return None if text.lower() == "none" else base(text)
-
-    convert.__name__ = f"{base.__name__} or none"  # argparse names the type in its error message
-    return convert
-
-
-def _flag_kwargs(hint: Any) -> dict[str, Any]:
-    """``add_argument`` keywords for a field of type ``hint``; values are checked again by StreamConfig."""
-    origin, args = get_origin(hint), get_args(hint)
-    if hint is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    if origin is Literal:
-        return {"type": type(args[0]), "choices": args}
-    if origin is tuple:
-        base = args[0] if args and args[0] in (int, float) else str
-        return {"type": base, "nargs": "+"} | ({"metavar": "N" if base is int else "X"} if base is not str else {})
-    if origin in (typing.Union, types.UnionType):
-        simple = [a for a in args if a in (int, float, str)]
-        base = simple[0] if simple else str
-        if type(None) in args and base is not str:
-            return {"type": _none_or(base), "metavar": f"{{{base.__name__},none}}"}
-        return {"type": base} if base is str else {"type": base, "metavar": "N" if base is int else "X"}
-    if hint in (int, float):
-        return {"type": hint, "metavar": "N" if hint is int else "X"}
-    return {"type": str}
-
-
-def _show_default(value: Any) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, tuple | list):
-        return " ".join(map(str, value))
-    return str(value)
-
-
-def _help(field: Any) -> str:
-    text = field.metadata.get("doc", "").replace("``", "")
-    return f"{text} (default: {_show_default(field.default)})".replace("%", "%%")
-
-
-def flag(name: str) -> str:
-    """The command-line flag of an option: ``buffer_size`` -> ``--buffer-size``."""
-    return "--" + name.replace("_", "-")
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`StreamConfig` option; a value not given is left out of the namespace."""
-    hints = typing.get_type_hints(StreamConfig)
-    group = parser.add_argument_group(
-        "training options", "The options of sccoreset.tl.stream_train (StreamConfig); 'none' gives None."
-    )
-    for f in option_fields():
-        group.add_argument(
-            flag(f.name), dest=f.name, default=argparse.SUPPRESS, help=_help(f), **_flag_kwargs(hints[f.name])
-        )
-
-
-def config_options(ns: argparse.Namespace) -> dict[str, Any]:
-    """The StreamConfig options given on the command line, as keyword arguments."""
-    out = {}
-    for f in option_fields():
-        if hasattr(ns, f.name):
-            value = getattr(ns, f.name)
-            out[f.name] = tuple(value) if isinstance(value, list) else value
-    return out
-
-
-# -- the parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The ``sccoreset`` parser with its ``train`` and ``predict`` subcommands."""
     from . import __version__
@@ -241,64 +168,6 @@ def _train(ns: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def process_group(options: dict[str, Any], env: typing.Mapping[str, str] | None = None) -> Iterator[tuple[int, int]]:
-    """Initialise ``torch.distributed`` when launched by torchrun (``WORLD_SIZE > 1``); yields (rank, world size).
-
-    With CUDA (and no other device asked for) each rank takes ``cuda:{LOCAL_RANK}`` and the backend is NCCL;
-    otherwise gloo. ``options["device"]`` is set to the rank's GPU when it was None or a bare ``"cuda"``.
-    A single process (no torchrun, or ``WORLD_SIZE=1``) runs as is. The group is destroyed on the way out.
-    """
-    env = os.environ if env is None else env
-    world = int(env.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        yield 0, 1
-        return
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_initialized():  # the caller owns the group
-        yield dist.get_rank(), dist.get_world_size()
-        return
-    local = int(env.get("LOCAL_RANK", "0"))
-    device = options.get("device")
-    cuda = torch.cuda.is_available() and (device is None or str(device).split(":")[0] == "cuda")
-    if cuda:
-        if device is None or str(device) == "cuda":
-            options["device"] = f"cuda:{local}"
-        torch.cuda.set_device(torch.device(options["device"]))
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
-    try:
-        logger.info(f"process group: rank {dist.get_rank()} of {dist.get_world_size()}, backend {dist.get_backend()}")
-        yield dist.get_rank(), dist.get_world_size()
-    finally:
-        dist.destroy_process_group()
-
-
-def read_gene_space(path: Path) -> Any:
-    """The gene space stored in a coreset .h5ad (``uns[key]["gene_space"]``), or at the top of ``uns``."""
-    import anndata
-
-    from .pp import GeneSpace
-
-    if not Path(path).is_file():
-        raise InputError(f"--gene-space {path}: file not found.")
-    try:
-        adata = anndata.read_h5ad(path, backed="r")  # uns only: X stays on disk
-    except Exception as e:  # whatever h5py/anndata raise, the message is what matters
-        raise InputError(f"--gene-space {path}: cannot read it as .h5ad ({e}).") from e
-    try:
-        uns = adata.uns
-        if "gene_space" in uns:
-            return GeneSpace.from_dict(uns["gene_space"])
-        keys = [k for k, v in uns.items() if isinstance(v, typing.Mapping) and "gene_space" in v]
-        if not keys:
-            raise InputError(f"--gene-space {path}: no gene space in uns; pass a coreset written by 'train'.")
-        return GeneSpace.from_dict(uns["sccoreset" if "sccoreset" in keys else keys[0]]["gene_space"])
-    finally:
-        adata.file.close()
-
-
 def train_summary(coreset: Any, wall: float, out: Path, *, key_added: str, world: int = 1) -> str:
     """A few lines on the finished run: cells streamed, coreset size, wall time, final macro-F1."""
     rec = coreset.uns.get(key_added, {})
@@ -360,31 +229,3 @@ def _predict(ns: argparse.Namespace) -> int:
 
 
 # -- writing -------------------------------------------------------------------------------------
-def check_out(out: Path, *, overwrite: bool) -> None:
-    """Refuse an output that exists (without ``overwrite``) or whose folder does not, before any work."""
-    out = Path(out)
-    if out.is_dir():
-        raise InputError(f"--out {out} is a folder; give a file name.")
-    if out.exists() and not overwrite:
-        raise InputError(f"--out {out} exists; pass --overwrite to replace it.")
-    if not out.parent.is_dir():
-        raise InputError(f"--out {out}: folder {out.parent} does not exist.")
-
-
-def write_h5ad_atomic(adata: Any, out: Path, *, overwrite: bool) -> None:
-    """Write ``adata`` to a temporary file beside ``out``, then rename it over ``out`` in one step.
-
-    A crash or interruption while writing leaves ``out`` as it was (absent, or the previous file).
-    """
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.partial.h5ad")
-    try:
-        adata.write_h5ad(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if out.exists() and not overwrite:
-        raise InputError(f"--out {out} appeared while this command ran; the result is kept in {tmp}.")
-    os.replace(tmp, out)

@@ -307,15 +307,3 @@ class StreamLoop:
             pred = predict_logits(self.model, self.eval_set[0]).argmax(1).cpu().numpy()
             event.update(classification_metrics(self.eval_set[1], pred, n))
         return event
-
-
-def _predict_logits(model: nn.Module, X: np.ndarray, device: str | torch.device, batch_size: int = 4096) -> np.ndarray:
-    """Logits of host features ``X`` on ``device``, as a host array (used by prediction)."""
-    model.to(device)
-    out = []
-    model.eval()
-    with torch.no_grad():
-        for lo in range(0, X.shape[0], batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(X[lo : lo + batch_size])).to(device)
-            out.append(model(xb).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -143,3 +143,15 @@ def predict_logits(model: nn.Module, X: torch.Tensor, batch_size: int = 4096) ->
 def model_device(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def host_logits(model: nn.Module, X: np.ndarray, device: str | torch.device, batch_size: int = 4096) -> np.ndarray:
+    """Logits of host features ``X`` on ``device``, as a host array (used by prediction)."""
+    model.to(device)
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for lo in range(0, X.shape[0], batch_size):
+            xb = torch.from_numpy(np.ascontiguousarray(X[lo : lo + batch_size])).to(device)
+            out.append(model(xb).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -7,8 +7,8 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from .._engine._loop import _predict_logits
 from .._engine._model import load_model
+from .._engine._train import host_logits
 from .._errors import InputError
 from ..pp._gene_space import GeneSpace
 from ._device import resolve_device
@@ -111,7 +111,7 @@ def predict(
     counts = adata.X if layer is None else adata.layers[layer]
     X = gs.transform(counts, adata.var_names, source="adata")
     if X.shape[0]:
-        logits = _predict_logits(net, X, dev, batch_size)
+        logits = host_logits(net, X, dev, batch_size)
         prob = torch.softmax(torch.from_numpy(logits).double(), 1).numpy()
     else:
         prob = np.zeros((0, len(classes)))
