@@ -38,3 +38,24 @@ def test_cuda_run_predicts_and_same_seed_gives_same_coreset(small_stream, small_
     acc = (hold.obs["sccoreset_prediction"].astype(str) == hold.obs["cell_type"].astype(str)).mean()
     # eval ran on the GPU, predict on the CPU: float differences may flip a borderline cell or two
     assert acc == pytest.approx(a.uns["sccoreset"]["history"]["final"]["accuracy"], abs=2 / hold.n_obs)
+
+
+def test_a_model_already_on_cuda_is_accepted(small_stream, small_gene_space):
+    from sccoreset._engine._model import build_model, mlp_spec
+
+    model = build_model(mlp_spec(small_gene_space.n_genes, 12, (32,))).cuda()
+    cs = scc.tl.stream_train(
+        small_stream.files, "cell_type", gene_space=small_gene_space, model=model, device="cuda", **KW
+    )
+    assert cs.n_obs == KW["buffer_size"]
+
+
+def test_cuda_graphs_learn_like_eager_steps(small_stream, small_gene_space):
+    f1 = {}
+    for graphs in (True, False):
+        cs = scc.tl.stream_train(
+            small_stream.files, "cell_type", gene_space=small_gene_space, device="cuda", cuda_graphs=graphs,
+            eval_data=small_stream.holdout, random_state=3, **{**KW, "epochs_per_step": 5, "final_epochs": 5},
+        )  # fmt: skip
+        f1[graphs] = cs.uns["sccoreset"]["history"]["final"]["macro_f1"]
+    assert abs(f1[True] - f1[False]) < 0.15, f1
