@@ -53,3 +53,32 @@ def test_rows_equal_the_whole_frame(path, data):
     for col in want.columns:
         assert got[col].dtype == want[col].dtype, col
         pd.testing.assert_series_equal(got[col], want[col], check_index=False, check_names=False)
+
+
+def test_categories_stored_as_nullable_strings(tmp_path):
+    """anndata 0.11 stores a string column as a categorical whose categories are a nullable-string group."""
+    import h5py
+
+    import sccoreset as scc
+
+    a = ad.AnnData(sp.random(5, 3, density=0.5, format="csr", dtype=np.float32, random_state=0))
+    a.X.data[:] = 1.0
+    a.var_names = ["g0", "g1", "g2"]
+    a.obs_names = [f"c{i}" for i in range(5)]
+    a.obs["label"] = pd.Categorical(["a", None, "b", "c", None], categories=["a", "b", "c"])
+    p = tmp_path / "ns.h5ad"
+    a.write_h5ad(p)
+    with h5py.File(p, "r+") as f:
+        del f["obs/label/categories"]
+        g = f["obs/label"].create_group("categories")
+        g.attrs.update({"encoding-type": "nullable-string-array", "encoding-version": "0.1.0"})
+        g.create_dataset("values", data=np.array([b"a", b"b", b"c"], dtype=object), dtype=h5py.string_dtype())
+        g.create_dataset("mask", data=np.zeros(3, bool))
+    with pytest.warns(scc.MissingLabelsWarning, match="2 cells with a missing label"):
+        info = scc.pp.scan([p], "label")
+    assert info.labels == ["a", "b", "c"] and info.n_missing.tolist() == [2]
+    src = as_sources([p])[0]
+    try:
+        assert src.read_obs(np.array([0, 2]))["label"].astype(str).tolist() == ["a", "b"]
+    finally:
+        src.close()

@@ -70,6 +70,16 @@ def _strings(node: Any, start: int, stop: int) -> np.ndarray:
     return values.astype(object)
 
 
+def column_length(node: Any) -> int:
+    """Rows of an anndata-encoded column, stored as a dataset or as a group (categorical, nullable)."""
+    if is_group(node):
+        for key in ("codes", "values"):
+            if key in node:
+                return int(node[key].shape[0])
+        raise KeyError(f"{node.name}: no codes or values")
+    return int(node.shape[0])
+
+
 def read_column(node: Any, start: int, stop: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``[start, stop)`` of an anndata-encoded column: (values as str objects, missing mask).
 
@@ -80,7 +90,8 @@ def read_column(node: Any, start: int, stop: int, what: str) -> tuple[np.ndarray
         enc = node.attrs.get("encoding-type", "")
         if enc == "categorical":
             codes = np.asarray(node["codes"][start:stop])
-            cats, _ = read_column(node["categories"], 0, node["categories"].shape[0], what)
+            # categories may be a plain string array or (anndata 0.11 for string columns) a nullable one
+            cats, _ = read_column(node["categories"], 0, column_length(node["categories"]), what)
             missing = codes < 0
             out = np.empty(codes.size, dtype=object)
             out[~missing] = cats[codes[~missing]]

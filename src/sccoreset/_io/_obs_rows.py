@@ -32,6 +32,8 @@ def _column_rows(node, sel: np.ndarray, lo: int, hi: int):
     if enc == "categorical":
         codes = np.asarray(node["codes"][lo:hi])[sel]
         cats_node = node["categories"]
+        if not isinstance(cats_node, h5py.Dataset):
+            raise UnsupportedEncoding(f"{node.name}: categories stored as {cats_node.attrs.get('encoding-type')!r}")
         cats = _dataset_rows(cats_node, np.arange(cats_node.shape[0]), 0, cats_node.shape[0])
         return pd.Categorical.from_codes(codes, categories=pd.Index(cats), ordered=bool(node.attrs.get("ordered")))
     if enc in ("nullable-integer", "nullable-boolean"):

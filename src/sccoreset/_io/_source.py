@@ -28,7 +28,16 @@ from .._errors import InputError
 from .._utils import logger
 from ._blocks import CSRBlock, ReadBuffers, block_from_matrix, concat_blocks, empty_block, runs, take_rows
 from ._direct import DirectDataset
-from ._nodes import close_store, is_group, open_store, read_column, read_elem, read_slice_into, series_column
+from ._nodes import (
+    close_store,
+    column_length,
+    is_group,
+    open_store,
+    read_column,
+    read_elem,
+    read_slice_into,
+    series_column,
+)
 from ._obs_rows import UnsupportedEncoding, read_obs_rows
 
 SPAN_DENSITY = 32  # read a whole span when the wanted rows are at least 1 in 32 of it
@@ -144,7 +153,7 @@ class Source:
                     return self._read_runs(node, start, stop, f"{self.name}: obs column {key!r}")
                 # the codes of a whole file are small (1 byte a cell, mostly): read once, sliced per chunk
                 what = f"{self.name}: obs column {key!r}"
-                cats, _ = read_column(node["categories"], 0, node["categories"].shape[0], what)
+                cats, _ = read_column(node["categories"], 0, column_length(node["categories"]), what)
                 cached = self._categorical[key] = (np.asarray(node["codes"][:]), cats)
         codes, cats = cached
         codes = codes[start:stop] if self.rows is None else codes[self.rows[start:stop]]
