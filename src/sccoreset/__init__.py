@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, pl, pp, tl
+from . import datasets, pl, pp, stream, tl
 from ._errors import InputError
 from ._io._checks import NotRawCountsWarning
 from ._io._labels import MissingLabelsWarning
@@ -12,4 +12,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["InputError", "MissingLabelsWarning", "NotRawCountsWarning", "datasets", "pl", "pp", "tl"]
+__all__ = ["InputError", "MissingLabelsWarning", "NotRawCountsWarning", "datasets", "pl", "pp", "stream", "tl"]

@@ -155,6 +155,11 @@ class StreamRun:
     def n_steps(self) -> int:
         return len(self.plan)
 
+    @property
+    def chunk_sizes(self) -> list[int]:
+        """Cells planned in each step."""
+        return [sum(stop - start for _, start, stop in chunk) for chunk in self.plan]
+
     def _chunks(self) -> Iterator[ChunkData]:
         lookup = pd.Index(self.classes)
         plan = shard_plan(self.plan, self.rank, self.world) if self.world > 1 else self.plan

@@ -11,10 +11,10 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from .._config import StreamConfig, option_fields, options_doc
-from .._io._sources import open_sources
 from .._utils import logger
 from ..pp._gene_space import GeneSpace
-from ._session import StreamRun, describe
+from ._events import EventStream
+from ._session import describe
 
 
 def stream_train(
@@ -80,21 +80,22 @@ def stream_train(
         60
     """
     cfg = StreamConfig.from_options(config, **options)
-    with open_sources(files, mod=cfg.mod, layer=cfg.layer) as sources:
-        run = StreamRun(
-            sources, label_key, cfg, gene_space=gene_space, classes=classes, model=model, eval_data=eval_data
-        )
-        with tqdm(
-            total=run.n_steps, initial=run.loop.step, desc="stream_train", unit="chunk", disable=not cfg.progress
-        ) as bar:
-            for event in run.events_iter():
-                if event["step"] == "final":
-                    continue
-                bar.update(1)
-                if "macro_f1" in event:
-                    bar.set_postfix(macro_f1=f"{event['macro_f1']:.3f}", acc=f"{event['accuracy']:.3f}")
-                logger.info(describe(event))
-        return run.coreset()
+    with (
+        EventStream(files, label_key, cfg, gene_space=gene_space, classes=classes, model=model, eval_data=eval_data)
+        as events,
+        tqdm(
+            total=events.n_steps, initial=events.run.loop.step, desc="stream_train", unit="chunk",
+            disable=not cfg.progress,
+        ) as bar,
+    ):  # fmt: skip
+        for event in events:
+            if event["step"] == "final":
+                continue
+            bar.update(1)
+            if "macro_f1" in event:
+                bar.set_postfix(macro_f1=f"{event['macro_f1']:.3f}", acc=f"{event['accuracy']:.3f}")
+            logger.info(describe(event))
+        return events.run.coreset()
 
 
 def _signature() -> inspect.Signature:
