@@ -83,3 +83,13 @@ def test_early_stop_patience_and_mode():
     with pytest.raises(scc.InputError, match="patience must be positive"):
         st.early_stop("m", patience=0)
     assert list(st.pipe(events, st.take(0))) == []
+
+
+def test_coreset_weights_give_the_stream_class_proportions(small_stream, small_gene_space):
+    cs = scc.tl.stream_train(small_stream.files, "cell_type", gene_space=small_gene_space, **KW)
+    info = scc.pp.scan(small_stream.files, "cell_type")
+    stream_counts = info.label_counts.sum(0)
+    weighted = cs.obs.groupby("cell_type", observed=True)["sccoreset_weight"].sum()
+    for c, n in stream_counts.items():
+        assert weighted.get(c, 0.0) == pytest.approx(n)  # every class seen keeps cells at this buffer size
+    assert cs.obs["sccoreset_weight"].sum() == pytest.approx(info.n_cells)

@@ -81,6 +81,17 @@ def _obs(
     return obs
 
 
+def representation_weights(y: np.ndarray, class_totals: np.ndarray) -> np.ndarray:
+    """Stream cells each kept cell stands for: its class's stream count divided by the kept cells of the class.
+
+    Weighted class counts of the coreset then equal the stream's exactly (for every class that has a kept
+    cell), and a weighted mean over the coreset estimates the stream's mean.
+    """
+    kept = np.bincount(y, minlength=len(class_totals)).astype(np.float64)
+    per_class = np.divide(class_totals, kept, out=np.zeros(len(class_totals)), where=kept > 0)
+    return per_class[y]
+
+
 def build_coreset(
     sources: Sequence[Source],
     buffer: Buffer,
@@ -93,9 +104,16 @@ def build_coreset(
     spec: dict | None,
     params: dict[str, Any],
     key_added: str = "sccoreset",
+    class_totals: np.ndarray | None = None,
 ) -> AnnData:
-    """The coreset AnnData: features, raw counts on the gene list, obs with provenance, the run's record in uns."""
+    """The coreset AnnData: features, raw counts on the gene list, obs with provenance, the run's record in uns.
+
+    With ``class_totals`` (cells of each class the stream delivered), ``obs[f"{key_added}_weight"]`` holds the
+    number of stream cells each kept cell stands for: its class's total over the kept cells of that class.
+    """
     obs = _obs(sources, buffer, classes, label_key, key_added)
+    if class_totals is not None:
+        obs[f"{key_added}_weight"] = representation_weights(buffer.y, class_totals)
     counts = _counts_on_genes(sources, buffer, gene_space)
     var = pd.DataFrame({"mean": gene_space.mean, "std": gene_space.std}, index=pd.Index(gene_space.genes.astype(str)))
     adata = AnnData(

@@ -206,7 +206,7 @@ class StreamRun:
         return build_coreset(
             self.sources, self.loop.buffer, History.from_events(self.events, len(self.classes)),
             gene_space=self.gene_space, classes=self.classes, label_key=self.label_key, model=self.model,
-            spec=self.spec, params=params, key_added=self.cfg.key_added,
+            spec=self.spec, params=params, key_added=self.cfg.key_added, class_totals=self.loop.seen_counts,
         )  # fmt: skip
 
 

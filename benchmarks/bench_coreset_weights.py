@@ -1,0 +1,104 @@
+"""Is the weighted coreset a faithful summary of the stream? Class proportions and per-class mean expression.
+
+Streams the cached ``bench_stream`` data (10 files x 20,000 cells x 20,000 genes; generated if missing),
+runs `tl.stream_train` with the defaults, then compares, on the gene list:
+
+- weighted class proportions of the coreset (``obs["sccoreset_weight"]``) with the stream's;
+- per-class mean log1p-normalized expression of the coreset's kept cells (weights are constant within a
+  class, so the weighted class mean is the kept cells' mean) with the stream's, as relative L2 error.
+
+    python benchmarks/bench_coreset_weights.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+import sccoreset as scc
+
+DATA = Path(__file__).parent / "_data"
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    n_files, per_file = (3, 3000) if args.quick else (10, 20_000)
+    stream = scc.datasets.synthetic_stream(DATA / ("weights_quick" if args.quick else "stream20k"), n_files=n_files,
+                                           cells_per_file=per_file, n_genes=20_000, holdout_per_type=100,
+                                           random_state=3)  # fmt: skip
+    gs = scc.pp.fit_gene_space(stream.files, n_top_genes=2000)
+    cs = scc.tl.stream_train(stream.files, stream.label_key, gene_space=gs, progress=False, device="cpu")
+    classes = [str(c) for c in cs.uns["sccoreset"]["classes"]]
+    # the stream's per-class sums of log1p-normalized expression on the gene list, one pass
+    sums = np.zeros((len(classes), gs.n_genes))
+    counts = np.zeros(len(classes))
+    lookup = {c: i for i, c in enumerate(classes)}
+    from sccoreset._io._sources import open_sources
+
+    with open_sources(stream.files) as sources:
+        for src in sources:
+            cmap = gs.column_map(src.var_names, source=src.name)
+            keep = cmap >= 0
+            proj = sp.csr_matrix(
+                (np.ones(keep.sum()), (np.flatnonzero(keep), cmap[keep])), shape=(len(keep), gs.n_genes)
+            )
+            labels, _ = src.read_labels(stream.label_key)
+            y = np.array([lookup[v] for v in labels])
+            for lo in range(0, src.n_obs, 5000):
+                b = src.read_rows(lo, min(lo + 5000, src.n_obs))
+                full = sp.csr_matrix((b.data, b.indices, b.indptr), shape=(b.n_rows, len(src.var_names)))
+                lib = np.asarray(full.sum(1)).ravel()
+                x = log_norm_with_lib(full @ proj, lib, gs.target_sum)
+                np.add.at(sums, y[lo : lo + b.n_rows], x)
+                counts += np.bincount(y[lo : lo + b.n_rows], minlength=len(classes))
+    stream_means = sums / counts[:, None]
+    w = cs.obs["sccoreset_weight"].to_numpy()
+    yk = np.array([lookup[v] for v in cs.obs[stream.label_key].astype(str)])
+    # the coreset's raw counts are on the gene list only: normalise by the cells' full library sizes
+    core_x = log_norm_with_lib(cs.layers["counts"], lib_full_sizes(cs, stream, gs), gs.target_sum)
+    print(f"stream: {int(counts.sum()):,} cells, coreset: {cs.n_obs:,} cells")
+    weighted = np.bincount(yk, weights=w, minlength=len(classes))
+    print(f"weighted class counts equal the stream's: {np.allclose(weighted, counts)} "
+          f"(max abs diff {np.abs(weighted - counts).max():.2e})")  # fmt: skip
+    errors = []
+    for c in range(len(classes)):
+        sel = yk == c
+        if not sel.any():
+            continue
+        m = np.average(core_x[sel], axis=0, weights=w[sel])
+        errors.append(np.linalg.norm(m - stream_means[c]) / np.linalg.norm(stream_means[c]))
+        print(f"  {classes[c]:<12} kept {sel.sum():>4}  relative L2 error of the mean: {errors[-1]:.4f}")
+    print(f"max relative L2 error of per-class means: {max(errors):.4f} (bar <= 0.05); median {np.median(errors):.4f}")
+
+
+def log_norm_with_lib(m, lib, target_sum):
+    m = sp.csr_matrix(m, dtype=np.float64)
+    scale = np.divide(target_sum, lib, out=np.zeros_like(lib, dtype=np.float64), where=lib > 0)
+    return np.log1p((sp.diags(scale) @ m).toarray())
+
+
+def lib_full_sizes(cs, stream, gs):
+    """Library size of every kept cell over all its genes, read back by provenance."""
+    from sccoreset._io._sources import open_sources
+
+    files = list(cs.uns["sccoreset"]["files"])
+    out = np.zeros(cs.n_obs)
+    with open_sources([str(f) for f in files]) as sources:
+        f_idx = cs.obs["sccoreset_file"].cat.codes.to_numpy()
+        rows = cs.obs["sccoreset_row"].to_numpy()
+        for f in np.unique(f_idx):
+            sel = np.flatnonzero(f_idx == f)
+            order = sel[np.argsort(rows[sel])]
+            b = sources[f].read_rows_at(rows[order])
+            cum = np.concatenate([[0.0], np.cumsum(b.data, dtype=np.float64)])
+            out[order] = np.diff(cum[b.indptr])
+    return out
+
+
+if __name__ == "__main__":
+    main()
