@@ -72,6 +72,9 @@ def train_kwargs(args, device):
     for flag in ("chunk_size", "buffer_size", "epochs_per_step", "batch_size"):
         if getattr(args, flag) is not None:
             kw[flag] = getattr(args, flag)
+    for item in args.set or []:  # any other StreamConfig option, e.g. --set compile=true
+        key, _, value = item.partition("=")
+        kw[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
     return kw
 
 
@@ -164,6 +167,7 @@ def main():
     p.add_argument("--buffer-size", type=int, default=None)
     p.add_argument("--epochs-per-step", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--set", nargs="*", metavar="OPTION=VALUE", help="other stream_train options, e.g. compile=true")
     p.add_argument("--compare-cpu", type=int, default=0, metavar="N", help="also CPU vs CUDA on the first N cells")
     p.add_argument("--json", default=None, metavar="PATH", help="write all figures as JSON")
     args = p.parse_args()
