@@ -93,3 +93,18 @@ def test_coreset_weights_give_the_stream_class_proportions(small_stream, small_g
     for c, n in stream_counts.items():
         assert weighted.get(c, 0.0) == pytest.approx(n)  # every class seen keeps cells at this buffer size
     assert cs.obs["sccoreset_weight"].sum() == pytest.approx(info.n_cells)
+
+
+def test_epoch_events_precede_their_step(small_stream, small_gene_space):
+    kw = {**KW, "epochs_per_step": 2}
+    with scc.tl.stream_events(
+        small_stream.files, "cell_type", gene_space=small_gene_space, epochs=True, **kw
+    ) as events:
+        seen = st.collect(events)
+    kinds = [(e.get("kind", "step"), e["step"], e.get("epoch")) for e in seen]
+    assert kinds[:3] == [("epoch", 0, 0), ("epoch", 0, 1), ("step", 0, None)]
+    steps = [e for e in seen if "kind" not in e]
+    epochs = [e for e in seen if e.get("kind") == "epoch" and e["step"] == 0]
+    np.testing.assert_allclose([e["train_loss"] for e in epochs], steps[0]["epoch_losses"])
+    # epoch events carry train_loss too: a stage on it sees both kinds
+    assert len(list(st.pipe(iter(seen), st.early_stop("train_loss", patience=100, mode="min")))) == len(seen)

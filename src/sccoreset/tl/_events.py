@@ -20,11 +20,14 @@ class EventStream:
 
     Iterating yields one dict per step (the keys of :class:`~sccoreset._engine._events.StepEvent`, plus
     ``"model"``, a reference to the model being trained), then the final consolidation's (``step="final"``).
+    With ``epochs=True`` every step event is preceded by one event per epoch of that step
+    (``kind="epoch"``, ``step``, ``epoch``, ``train_loss``), emitted once the step's training is over.
     The files stay open until :meth:`close` (or the end of a ``with`` block).
     """
 
-    def __init__(self, files: Any, label_key: str, cfg: StreamConfig, **run_kw: Any) -> None:
+    def __init__(self, files: Any, label_key: str, cfg: StreamConfig, *, epochs: bool = False, **run_kw: Any) -> None:
         self.config = cfg
+        self.epochs = epochs
         self._stack = contextlib.ExitStack()
         try:
             sources = self._stack.enter_context(open_sources(files, mod=cfg.mod, layer=cfg.layer))
@@ -37,6 +40,12 @@ class EventStream:
 
     def _generate(self) -> Iterator[dict[str, Any]]:
         for event in self.run.events_iter():
+            if self.epochs:  # emitted once the step's training is over: no host sync inside a step
+                for e, loss in enumerate(event["epoch_losses"]):
+                    yield {
+                        "kind": "epoch", "step": event["step"], "epoch": e, "train_loss": float(loss),
+                        "model": self.run.model,
+                    }  # fmt: skip
             yield {**event, "model": self.run.model}
         self.finished = True
 
@@ -90,12 +99,14 @@ def stream_events(
     model: torch.nn.Module | None = None,
     eval_data: Any = None,
     config: StreamConfig | None = None,
+    epochs: bool = False,
     **options: Any,
 ) -> EventStream:
     """The run of :func:`~sccoreset.tl.stream_train` as an iterator of step events you can enrich, filter and sink.
 
     Takes the same arguments as :func:`~sccoreset.tl.stream_train`. Compose it with the stages of
-    :mod:`sccoreset.stream`; whenever you stop, :meth:`EventStream.coreset` gives the coreset.
+    :mod:`sccoreset.stream`; whenever you stop, :meth:`EventStream.coreset` gives the coreset. With
+    ``epochs=True`` each step event is preceded by that step's epoch events (``kind="epoch"``).
 
     Returns
     -------
@@ -110,4 +121,6 @@ def stream_events(
     ...     coreset = events.coreset()  # doctest: +SKIP
     """
     cfg = StreamConfig.from_options(config, **options)
-    return EventStream(files, label_key, cfg, gene_space=gene_space, classes=classes, model=model, eval_data=eval_data)
+    return EventStream(
+        files, label_key, cfg, epochs=epochs, gene_space=gene_space, classes=classes, model=model, eval_data=eval_data
+    )
