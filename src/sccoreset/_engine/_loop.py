@@ -236,12 +236,15 @@ class StreamLoop:
 
     def _train_epochs(self, X, y, epochs, stored, is_buffer):
         cfg = self.cfg
-        weights = None
-        if self.world > 1:  # class weights from the whole merged set, the same on every rank
+        # class weights from the host labels (under DDP from the whole merged set, the same on every rank):
+        # the trainer then never copies labels back from the device
+        if not cfg.balance_loss:
+            weights = np.ones(self.n_classes)
+        elif self.world > 1:
             counts = np.sum(gather_objects(np.bincount(y, minlength=self.n_classes)), axis=0)
             weights = class_weights(np.repeat(np.arange(self.n_classes), counts), self.n_classes)
-            if not cfg.balance_loss:
-                weights = np.ones(self.n_classes)
+        else:
+            weights = class_weights(y, self.n_classes)
         if self.use_graphs and self._graphed is None:
             self._graphed = GraphedTrainer(
                 self.model, self.optimizer, capacity=cfg.buffer_size + cfg.chunk_size, n_features=X.shape[1],

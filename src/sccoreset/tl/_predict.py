@@ -12,7 +12,7 @@ from .._engine._train import host_logits
 from .._errors import InputError
 from ..pp._gene_space import GeneSpace
 from ._device import resolve_device
-from ._record import find_record
+from ._record import find_record, is_record
 
 
 def load_classifier(
@@ -96,8 +96,7 @@ def predict(
         raise InputError(f"layer {layer!r} not in adata.layers (layers: {list(adata.layers)}).")
     if batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    existing = adata.uns.get(key_added)
-    if isinstance(existing, dict) and "model" in existing:
+    if is_record(adata.uns.get(key_added)):
         # predicting on a coreset itself: its uns record and its training-dynamics obs columns
         # (f"{key_added}_confidence") would be overwritten
         raise InputError(

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .._config import StreamConfig, option_fields, options_doc
 from .._utils import logger
 from ..pp._gene_space import GeneSpace
-from ._events import EventStream
+from ._events import EventStream, stream_events
 from ._session import describe
 
 
@@ -98,15 +98,17 @@ def stream_train(
         return events.run.coreset()
 
 
-def _signature() -> inspect.Signature:
-    """stream_train's signature with every option of :class:`StreamConfig` spelled out (for help() and IDEs)."""
-    params = [p for p in inspect.signature(stream_train).parameters.values() if p.kind != p.VAR_KEYWORD]
+def with_options_signature(fn):
+    """``fn``'s signature with every option of :class:`StreamConfig` spelled out (for help() and IDEs)."""
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
     params += [
         inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
         for f in option_fields()
     ]
-    return inspect.signature(stream_train).replace(parameters=params)
+    fn.__signature__ = inspect.signature(fn).replace(parameters=params)
+    return fn
 
 
 stream_train.__doc__ = stream_train.__doc__.replace("    {options}", options_doc("    "))
-stream_train.__signature__ = _signature()  # type: ignore[attr-defined]
+with_options_signature(stream_train)
+with_options_signature(stream_events)
