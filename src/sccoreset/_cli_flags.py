@@ -67,6 +67,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         "training options", "The options of sccoreset.tl.stream_train (StreamConfig); 'none' gives None."
     )
     for f in option_fields():
+        if not f.metadata.get("cli", True):
+            continue
         group.add_argument(
             flag(f.name), dest=f.name, default=argparse.SUPPRESS, help=_help(f), **_flag_kwargs(hints[f.name])
         )

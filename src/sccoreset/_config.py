@@ -24,8 +24,10 @@ from ._errors import InputError
 Score = Literal["aum", "confidence", "forgetting", "loss"]
 Rule = Literal["coverage", "top", "weighted", "forgetting", "random"]
 ClassBudget = Literal["balanced", "proportional", "merged"]
-Order = Literal["sequential", "block_shuffle"]
+Order = Literal["sequential", "block_shuffle", "weighted"]
 MissingLabels = Literal["skip", "error"]
+Regularizer = Literal["none", "ewc", "agem", "agem_layerwise"]
+Genes = Literal["list", "all"]
 
 RandomState = int | np.random.Generator | None
 
@@ -65,7 +67,18 @@ class StreamConfig:
         "``block_size`` rows from all files shuffled into chunks).",
     )
     block_size: int | None = _opt(
-        None, "Rows per block for ``order='block_shuffle'`` (default min(chunk_size // 8, 1024))."
+        None, "Rows per block for ``order='block_shuffle'`` or ``'weighted'`` (default min(chunk_size // 8, 1024))."
+    )
+    weight_key: tuple[str, ...] | None = _opt(
+        None,
+        "obs keys whose combinations ``order='weighted'`` balances (default: the label keys).",
+    )
+    weight_baseline: float = _opt(
+        1000.0,
+        "Count added to every combination's size by ``order='weighted'`` (scDataset's baseline; 0: inverse frequency).",
+    )
+    n_draws: int | None = _opt(
+        None, "Cells ``order='weighted'`` draws in all, with replacement (default: as many as the files hold)."
     )
     n_top_genes: int = _opt(2000, "Highly variable genes to select when the gene space is fitted by the call.")
     layer: str | None = _opt(None, "Read raw counts from ``layers[layer]`` instead of ``X``.")
@@ -83,6 +96,32 @@ class StreamConfig:
     balance_loss: bool = _opt(True, "Weight the loss by inverse class frequency within each merged set.")
     distill: float = _opt(0.5, "Weight of the logit-replay loss on buffer cells (0 turns it off).")
     final_epochs: int = _opt(5, "Epochs on the final buffer alone after the stream ends (0: none).")
+    loss: Any = _opt(
+        None,
+        "A callable ``loss(logits, targets, weights) -> scalar`` replacing the weighted cross-entropy, applied "
+        "per task (``weights``: per-cell class weights, ones unless ``balance_loss``); None: cross-entropy. "
+        "Not a command-line flag.",
+        cli=False,
+    )
+    step_patience: int | None = _opt(
+        None,
+        "Early stopping within a step: ``epochs_per_step`` becomes a maximum, and training stops once the loss "
+        "on a held-out, class-stratified slice of the merged set has not improved for this many epochs, "
+        "restoring the best weights (None: off).",
+    )
+    step_min_delta: float = _opt(0.0, "Smallest held-out loss improvement that counts, for ``step_patience``.")
+    step_val_fraction: float = _opt(
+        0.1, "Fraction of the merged set held out for ``step_patience`` (at least one cell per class where possible)."
+    )
+    regularizer: Regularizer = _opt(
+        "none",
+        "Continual-learning guard combined with the buffer: ``'ewc'`` (online EWC, diagonal Fisher), ``'agem'`` "
+        "(A-GEM on the whole gradient, the buffer as episodic memory), ``'agem_layerwise'`` (A-GEM per parameter "
+        "tensor) or ``'none'``.",
+    )
+    ewc_lambda: float = _opt(100.0, "Strength of the EWC penalty.")
+    ewc_decay: float = _opt(0.9, "Online EWC: weight of the earlier Fisher information at each step (gamma).")
+    reference_size: int = _opt(256, "Cells per reference sample: EWC's Fisher estimate, A-GEM's reference gradient.")
     # -- selection ---------------------------------------------------------------------------
     score: Score = _opt(
         "aum",
@@ -107,6 +146,15 @@ class StreamConfig:
         None, "Lower buffer cells' scores by this many score standard deviations per step of age."
     )
     drop_hard: float = _opt(0.1, "Fraction of the hardest cells the coverage rule leaves out.")
+    budget_key: tuple[str, ...] | None = _opt(
+        None,
+        "obs keys whose classes (or combinations of classes) share the buffer's budget (default: the first label key).",
+    )
+    genes: Genes = _opt(
+        "list",
+        "Genes of the returned coreset: ``'list'`` (the gene list: features in X, raw counts in layers) or "
+        "``'all'`` (raw counts of every gene of the files in X, sparse; features in obsm).",
+    )
     random_state: RandomState = _opt(
         0, "Seed of everything: chunk order, shuffling, selection and model initialisation (int or numpy Generator)."
     )
@@ -162,6 +210,8 @@ class StreamConfig:
         if not isinstance(self.hidden, tuple | list):
             raise InputError(f"hidden must be a tuple of positive ints (() for a linear model), got {self.hidden!r}.")
         object.__setattr__(self, "hidden", tuple(self.hidden))
+        for name in ("weight_key", "budget_key"):
+            object.__setattr__(self, name, _as_keys(name, getattr(self, name)))
         if self.device is not None and not isinstance(self.device, str):
             object.__setattr__(self, "device", str(self.device))  # a torch.device
         self._validate()
@@ -178,6 +228,17 @@ class StreamConfig:
             _check_int("block_size", self.block_size, low=1)
         if self.n_workers is not None:
             _check_int("n_workers", self.n_workers, low=1)
+        for name in ("n_draws", "step_patience"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), low=1)
+        _check_int("reference_size", self.reference_size, low=1)
+        _check_number("weight_baseline", self.weight_baseline, low=0.0)
+        _check_number("step_min_delta", self.step_min_delta, low=0.0)
+        _check_number("step_val_fraction", self.step_val_fraction, low=0.0, low_open=True, high=0.5, high_closed=True)
+        _check_number("ewc_lambda", self.ewc_lambda, low=0.0)
+        _check_number("ewc_decay", self.ewc_decay, low=0.0, high=1.0, high_closed=True)
+        if self.loss is not None and not callable(self.loss):
+            raise InputError(f"loss must be a callable (logits, targets, weights) -> scalar, or None; got {self.loss!r}.")
         if not all(isinstance(h, int | np.integer) and not isinstance(h, bool) and h > 0 for h in self.hidden):
             raise InputError(f"hidden must be a tuple of positive ints, got {self.hidden!r}.")
         _check_number("lr", self.lr, low=0.0, low_open=True)
@@ -194,6 +255,8 @@ class StreamConfig:
         check_choice("class_budget", self.class_budget, ClassBudget)
         check_choice("order", self.order, Order)
         check_choice("missing_labels", self.missing_labels, MissingLabels)
+        check_choice("regularizer", self.regularizer, Regularizer)
+        check_choice("genes", self.genes, Genes)
         for name in ("balance_loss", "resume", "progress", "cuda_graphs", "compile", "tf32"):
             if not isinstance(getattr(self, name), bool | np.bool_):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}.")
@@ -246,6 +309,13 @@ class StreamConfig:
             return f"Generator({type(rs.bit_generator).__name__}, {hashlib.sha1(state.encode()).hexdigest()[:16]})"
         return None if rs is None else int(rs)
 
+    def _plain(self, name: str) -> Any:
+        """An option's value as stored and compared: seeds by key, callables by name."""
+        if name == "random_state":
+            return self.random_state_key()
+        value = getattr(self, name)
+        return callable_name(value) if callable(value) else value
+
     def comparable(self) -> dict[str, str]:
         """The options a resume must match, as strings."""
         out = {}
@@ -253,7 +323,7 @@ class StreamConfig:
             if f.name.startswith("_"):
                 continue
             if f.metadata.get("compared", True):
-                value = self.random_state_key() if f.name == "random_state" else getattr(self, f.name)
+                value = self._plain(f.name)
                 out[f.name] = repr(value)
         return out
 
@@ -263,7 +333,7 @@ class StreamConfig:
         for f in dataclasses.fields(self):
             if f.name.startswith("_"):
                 continue
-            v = self.random_state_key() if f.name == "random_state" else getattr(self, f.name)
+            v = self._plain(f.name)
             if v is None:
                 out[f.name] = "None"
             elif isinstance(v, bool | int | float | str | np.integer | np.floating):
@@ -271,6 +341,21 @@ class StreamConfig:
             else:
                 out[f.name] = json.dumps(list(v)) if isinstance(v, tuple | list) else str(v)
         return out
+
+
+def _as_keys(name: str, value: Any) -> tuple[str, ...] | None:
+    """An obs key or a sequence of keys as a tuple of names (None stays None)."""
+    if value is None:
+        return None
+    keys = (value,) if isinstance(value, str) else value
+    if not isinstance(keys, tuple | list) or not keys or not all(isinstance(k, str) and k for k in keys):
+        raise InputError(f"{name} must be an obs key or a sequence of obs keys, got {value!r}.")
+    return tuple(keys)
+
+
+def callable_name(fn: Any) -> str:
+    """A stable name of a callable option (its module and qualified name; never an address)."""
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
 def option_fields() -> list[dataclasses.Field]:
