@@ -126,7 +126,14 @@ class StreamRun:
         else:
             check_model(model, gene_space.n_genes, len(self.classes))
         self.model = model
-        self.plan = plan_chunks(info.n_obs, cfg.chunk_size, order=cfg.order, block_size=cfg.block_size, rng=rng)
+        from ..pp._weights import source_weights  # TODO hoist to the module imports
+
+        # order="weighted": per-cell weights balancing weight_key (default: the label key), read from obs only
+        self.plan = plan_chunks(
+            info.n_obs, cfg.chunk_size, order=cfg.order, block_size=cfg.block_size, rng=rng, n_draws=cfg.n_draws,
+            weights=source_weights(self.sources, cfg.weight_key or label_key, baseline=cfg.weight_baseline)[0]
+            if cfg.order == "weighted" else None,
+        )  # fmt: skip
         self.events: list[StepEvent] = []
         if saved is not None:
             model.load_state_dict(saved["model"])
