@@ -15,7 +15,9 @@ SCORE_NAMES = ("aum", "confidence", "variability", "forgetting", "loss")
 class Buffer:
     """Features, labels, stored logits (for distillation), provenance, scores and ages of the kept cells.
 
-    ``X`` and ``logits`` live on the training device, so a step uploads only its new chunk.
+    ``X`` and ``logits`` live on the training device, so a step uploads only its new chunk. ``y`` holds
+    the budget classes selection balances; ``targets`` the training labels, one column per task
+    (``y[:, None]`` in a single-task run).
     """
 
     X: torch.Tensor
@@ -23,9 +25,16 @@ class Buffer:
     logits: torch.Tensor
     provenance: dict[str, np.ndarray]
     scores: dict[str, np.ndarray] = field(default_factory=dict)
+    targets: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.targets is None:
+            self.targets = self.y[:, None]
 
     @classmethod
-    def empty(cls, n_features: int, n_classes: int, provenance_like: dict[str, np.ndarray], device: Any) -> Buffer:
+    def empty(
+        cls, n_features: int, n_classes: int, provenance_like: dict[str, np.ndarray], device: Any, n_tasks: int = 1
+    ) -> Buffer:
         prov = {k: v[:0].copy() for k, v in provenance_like.items()}
         for key in ("age", "step_added", "chunk"):
             prov[key] = np.zeros(0, np.int64)
@@ -35,6 +44,7 @@ class Buffer:
             torch.zeros((0, n_classes), dtype=torch.float32, device=device),
             prov,
             {k: np.zeros(0) for k in SCORE_NAMES},
+            np.zeros((0, n_tasks), np.int64),
         )
 
     def __len__(self) -> int:
@@ -51,6 +61,7 @@ class Buffer:
             "logits": self.logits.detach().cpu().numpy(),
             "provenance": dict(self.provenance),
             "scores": dict(self.scores),
+            "targets": self.targets,
         }
 
     @classmethod
@@ -61,4 +72,5 @@ class Buffer:
             torch.as_tensor(np.asarray(d["logits"], dtype=np.float32)).to(device),
             {k: np.asarray(v) for k, v in d["provenance"].items()},
             {k: np.asarray(v) for k, v in d["scores"].items()},
+            None if d.get("targets") is None else np.asarray(d["targets"], dtype=np.int64),
         )

@@ -22,9 +22,19 @@ class Dynamics:
     logit (area under the margin); ``forgetting``: correct-to-incorrect transitions between epochs;
     ``loss``: mean cross-entropy. One gather and one scatter per minibatch update all of them (counts
     are exact in float32 up to 2**24 epochs).
+
+    With several tasks (``offsets`` of each task's block of logits), probability and margin are
+    averaged over the tasks, the loss summed, and a cell is correct when every task is.
     """
 
-    def __init__(self, n: int, device: str | torch.device = "cpu", n_classes: int | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        device: str | torch.device = "cpu",
+        n_classes: int | None = None,
+        offsets: np.ndarray | None = None,
+    ) -> None:
+        self.offsets = [0, n_classes] if offsets is None else [int(o) for o in offsets]
         self.stats = torch.zeros((n, 7), dtype=torch.float32, device=device)
         # the logits of the current epoch, written by index per minibatch (one kernel) and turned into
         # statistics once per epoch: each cell is seen once an epoch, so this equals per-batch updates
@@ -37,6 +47,7 @@ class Dynamics:
         """The statistics of the first ``n`` cells (a view)."""
         out = Dynamics.__new__(Dynamics)
         out.stats = self.stats[:n]
+        out.offsets = self.offsets
         out.epoch_logits = None if self.epoch_logits is None else self.epoch_logits[:n]
         return out
 
@@ -46,27 +57,46 @@ class Dynamics:
         self.epoch_logits[idx] = logits.detach().float()
 
     @torch.no_grad()
-    def end_epoch(self, y: torch.Tensor) -> None:
-        """Fold the epoch's logits of all ``len(y)`` cells into the statistics."""
-        n = y.shape[0]
-        self.update(torch.arange(n, device=y.device), self.epoch_logits[:n], None, y)
+    def end_epoch(self, y: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+        """Fold the epoch's logits into the statistics: of all ``len(y)`` cells, or of cells ``idx`` only."""
+        if idx is None:
+            n = y.shape[0]
+            self.update(torch.arange(n, device=y.device), self.epoch_logits[:n], None, y)
+        else:
+            self.update(idx, self.epoch_logits[idx], None, y[idx])
 
     @torch.no_grad()
     def update(self, idx: torch.Tensor, logits: torch.Tensor, log_p_true: torch.Tensor | None, y: torch.Tensor) -> None:
-        """Record cells ``idx`` (unique) with their logits; ``log_p_true`` (log p(true class)) is derived if None."""
+        """Record cells ``idx`` (unique) with their logits and labels ``y`` (``(n,)``, or ``(n, n_tasks)``).
+
+        ``log_p_true`` (log p(true class), one task only) is derived if None.
+        """
         logits = logits.detach().float()
-        if log_p_true is None:
-            log_p_true = torch.log_softmax(logits, 1).gather(1, y[:, None])[:, 0]
-        log_p_true = log_p_true.detach()
+        y2 = y[:, None] if y.ndim == 1 else y
+        n_tasks = y2.shape[1]
+        if n_tasks == 1:
+            y = y2[:, 0]
+            if log_p_true is None:
+                log_p_true = torch.log_softmax(logits, 1).gather(1, y[:, None])[:, 0]
+            log_p_true = log_p_true.detach()
+            true_logit = logits.gather(1, y[:, None])[:, 0]
+            other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
+            correct = (logits.argmax(1) == y).float()
+            p, margin, nll = log_p_true.exp(), true_logit - other, -log_p_true
+        else:
+            p = margin = nll = 0.0
+            correct = 1.0
+            for t in range(n_tasks):
+                lt = logits[:, self.offsets[t] : self.offsets[t + 1]]
+                yt = y2[:, t : t + 1]
+                lp = torch.log_softmax(lt, 1).gather(1, yt)[:, 0]
+                p = p + lp.exp() / n_tasks
+                margin = margin + (lt.gather(1, yt)[:, 0] - lt.scatter(1, yt, float("-inf")).amax(1)) / n_tasks
+                nll = nll - lp
+                correct = correct * (lt.argmax(1) == yt[:, 0]).float()
         old = self.stats[idx]
-        true_logit = logits.gather(1, y[:, None])[:, 0]
-        other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
-        correct = (logits.argmax(1) == y).float()
-        p = log_p_true.exp()
         forgot = (old[:, _N_SEEN] > 0).float() * old[:, _LAST_CORRECT] * (1.0 - correct)
-        delta = torch.stack(
-            [torch.ones_like(p), p, p * p, true_logit - other, -log_p_true, forgot, correct - old[:, _LAST_CORRECT]], 1
-        )
+        delta = torch.stack([torch.ones_like(p), p, p * p, margin, nll, forgot, correct - old[:, _LAST_CORRECT]], 1)
         self.stats[idx] = old + delta
 
     def to_numpy(self) -> dict[str, np.ndarray]:

@@ -15,7 +15,8 @@ class StepEvent(TypedDict, total=False):
     """What the loop reports after each step (``step`` is ``"final"`` for the consolidation on the final buffer).
 
     ``n_chunk`` counts the step's cells over all ranks, ``n_local`` those this rank read (the same in one
-    process). ``accuracy``, ``macro_f1`` and ``f1`` are present when evaluation data was given.
+    process). ``accuracy``, ``macro_f1`` and ``f1`` are present when evaluation data was given (of the
+    first task; in a multi-task run ``task_metrics`` holds them for every task, in order).
     """
 
     step: int | str
@@ -37,6 +38,7 @@ class StepEvent(TypedDict, total=False):
     accuracy: float
     macro_f1: float
     f1: np.ndarray
+    task_metrics: list[dict[str, Any]]
 
 
 def _padded(rows: Sequence[np.ndarray], width: int) -> np.ndarray:
@@ -55,7 +57,10 @@ class History:
     final: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_events(cls, events: Sequence[Mapping[str, Any]], n_classes: int) -> History:
+    def from_events(
+        cls, events: Sequence[Mapping[str, Any]], n_classes: int, task_names: Sequence[str] | None = None
+    ) -> History:
+        """The history of ``events``; ``n_classes`` budget classes; ``task_names`` name the tasks of a multi-task run."""
         steps = [e for e in events if e["step"] != "final"]
         n_chunks = max((len(e["buffer_chunk_counts"]) for e in events), default=0)
         n_files = max((len(e["buffer_file_counts"]) for e in events), default=0)
@@ -77,13 +82,29 @@ class History:
         if steps and "macro_f1" in steps[0]:
             a["accuracy"] = np.array([e["accuracy"] for e in steps], dtype=np.float64)
             a["macro_f1"] = np.array([e["macro_f1"] for e in steps], dtype=np.float64)
-            a["f1"] = np.array([e["f1"] for e in steps], dtype=np.float64).reshape(-1, n_classes)
+            a["f1"] = np.array([e["f1"] for e in steps], dtype=np.float64).reshape(len(steps), -1)
+        if steps and "task_metrics" in steps[0] and task_names is not None:
+            a["tasks"] = {
+                name: {
+                    "accuracy": np.array([e["task_metrics"][t]["accuracy"] for e in steps], dtype=np.float64),
+                    "macro_f1": np.array([e["task_metrics"][t]["macro_f1"] for e in steps], dtype=np.float64),
+                    "f1": np.array([e["task_metrics"][t]["f1"] for e in steps], dtype=np.float64).reshape(
+                        len(steps), -1
+                    ),
+                }
+                for t, name in enumerate(task_names)
+            }
         final: dict[str, Any] = {}
         for e in events:
             if e["step"] == "final":
                 final = {"train_loss": e["train_loss"], "epoch_losses": np.asarray(e["epoch_losses"], np.float64)}
                 if "macro_f1" in e:
                     final.update(accuracy=e["accuracy"], macro_f1=e["macro_f1"], f1=np.asarray(e["f1"]))
+                if "task_metrics" in e and task_names is not None:
+                    final["tasks"] = {
+                        name: {k: np.asarray(v) if k == "f1" else v for k, v in e["task_metrics"][t].items()}
+                        for t, name in enumerate(task_names)
+                    }
         return cls(a, final)
 
     def __len__(self) -> int:
@@ -103,6 +124,8 @@ class History:
 
     @classmethod
     def from_uns(cls, d: Mapping[str, Any]) -> History:
-        arrays = {k: np.asarray(v) for k, v in d.items() if k != "final"}
+        arrays: dict[str, Any] = {k: np.asarray(v) for k, v in d.items() if k not in ("final", "tasks")}
+        if "tasks" in d:
+            arrays["tasks"] = {name: {k: np.asarray(v) for k, v in m.items()} for name, m in d["tasks"].items()}
         final = dict(d.get("final", {}))
         return cls(arrays, final)

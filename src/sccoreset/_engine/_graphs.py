@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ._dynamics import Dynamics
-from ._train import class_weights, host_orders, to_device
+from ._objective import Objective
+from ._train import host_orders, to_device
 
 
 class GraphedTrainer:
@@ -26,24 +27,23 @@ class GraphedTrainer:
         *,
         capacity: int,
         n_features: int,
-        n_classes: int,
+        objective: Objective,
         batch_size: int,
-        balance_loss: bool,
         distill: float,
         compile: bool = False,
     ) -> None:
         dev = next(model.parameters()).device
         self.model, self.optimizer, self.dev = model, optimizer, dev
-        self.n_classes, self.batch_size = n_classes, batch_size
-        self.balance_loss, self.distill = balance_loss, distill
+        self.objective, self.batch_size, self.distill = objective, batch_size, distill
+        n_logits = objective.n_logits
         self.X = torch.zeros((capacity, n_features), device=dev)
-        self.y = torch.zeros(capacity, dtype=torch.int64, device=dev)
-        self.stored = torch.zeros((capacity, n_classes), device=dev)
+        self.y = torch.zeros((capacity, objective.n_tasks), dtype=torch.int64, device=dev)
+        self.stored = torch.zeros((capacity, n_logits), device=dev)
         self.buf_weight = torch.zeros(capacity, device=dev)
-        self.w = torch.ones(n_classes, device=dev)
+        self.w = torch.ones(n_logits, device=dev)
         self.idx = torch.arange(batch_size, device=dev)
         self.loss_acc = torch.zeros((), device=dev)
-        self.dyn = Dynamics(capacity, dev, n_classes)
+        self.dyn = Dynamics(capacity, dev, n_logits, objective.offsets)
         self.graph: torch.cuda.CUDAGraph | None = None
         # torch.compile fuses the elementwise work of forward, loss and dynamics into few kernels
         self._forward = torch.compile(self._forward_loss, dynamic=False) if compile else self._forward_loss
@@ -51,9 +51,7 @@ class GraphedTrainer:
     def _forward_loss(self, idx: torch.Tensor):
         xb, yb = self.X[idx], self.y[idx]
         logits = self.model(xb)
-        log_p_true = torch.log_softmax(logits.float(), 1).gather(1, yb[:, None])[:, 0]
-        wb = self.w[yb]
-        loss = -(log_p_true * wb).sum() / wb.sum()
+        loss = self.objective(logits, yb, self.w)
         if self.distill > 0:
             mb = self.buf_weight[idx]
             sq = (logits.float() - self.stored[idx]).square().sum(1)
@@ -101,7 +99,7 @@ class GraphedTrainer:
     def train(
         self,
         X: torch.Tensor,
-        y_host: np.ndarray,
+        targets: np.ndarray,
         *,
         epochs: int,
         generator: torch.Generator,
@@ -109,15 +107,15 @@ class GraphedTrainer:
         is_buffer: torch.Tensor,
         weights: np.ndarray | None = None,
     ) -> tuple[Dynamics, list[float]]:
-        n = int(y_host.size)
+        """Epochs on the merged set ``X`` with host ``targets`` ``(n, n_tasks)``, as :func:`train_epochs`."""
+        n = int(targets.shape[0])
         self.X[:n].copy_(X)
-        self.y[:n].copy_(to_device(torch.from_numpy(y_host), self.dev))
+        self.y[:n].copy_(to_device(torch.from_numpy(np.ascontiguousarray(targets)), self.dev))
         self.stored[:n].copy_(stored_logits)
         self.buf_weight[:n].copy_(is_buffer.to(self.dev, torch.float32))
         if weights is None:
-            weights = class_weights(y_host, self.n_classes) if self.balance_loss else np.ones(self.n_classes)
-        w = weights
-        self.w.copy_(to_device(torch.from_numpy(w).float(), self.dev))
+            weights = self.objective.weights(self.objective.task_counts(targets))
+        self.w.copy_(to_device(torch.from_numpy(np.asarray(weights)).float(), self.dev))
         orders = to_device(host_orders(n, epochs, generator), self.dev)
         if self.graph is None:
             self._capture()

@@ -24,19 +24,29 @@ from ._dynamics import score_of
 from ._events import StepEvent
 from ._graphs import GraphedTrainer
 from ._metrics import classification_metrics
+from ._objective import Objective, as_targets
 from ._selection import select
-from ._train import class_weights, make_optimizer, predict_logits, to_device, train_epochs
+from ._train import make_optimizer, predict_logits, to_device, train_epochs
 
 
 @dataclass
 class ChunkData:
-    """What the engine needs of a chunk: features, integer labels, and provenance arrays."""
+    """What the engine needs of a chunk: features, integer labels, and provenance arrays.
+
+    ``y`` holds each cell's budget class (what selection balances); ``targets`` the training labels,
+    one column per task (default ``y`` as the one task).
+    """
 
     index: int
     X: np.ndarray
     y: np.ndarray
     provenance: dict[str, np.ndarray]
     n_skipped: int = 0
+    targets: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.targets is None:
+            self.targets = self.y[:, None]
 
 
 class StreamLoop:
@@ -49,11 +59,14 @@ class StreamLoop:
     cfg
         The run's options.
     n_classes
-        Size of the label set.
+        Size of the label set (of the budget classes in a multi-task run).
+    task_sizes
+        Classes of each task in a multi-task run (the model outputs their logits concatenated); default
+        one task of ``n_classes``.
     device
         Training device.
     eval_set
-        Held-out (features, integer labels) evaluated after every step.
+        Held-out (features, integer labels ``(n,)`` or ``(n, n_tasks)``) evaluated after every step.
     rng
         Drives selection and the seeds of torch's generators.
     resume
@@ -66,6 +79,7 @@ class StreamLoop:
         cfg: StreamConfig,
         *,
         n_classes: int,
+        task_sizes: list[int] | None = None,
         device: str | torch.device = "cpu",
         eval_set: tuple[np.ndarray, np.ndarray] | None = None,
         rng: np.random.Generator,
@@ -78,14 +92,27 @@ class StreamLoop:
         self.model = model.to(self.device)
         self.net = wrap_ddp(self.model, self.device)  # what trains: DDP over the ranks, or the model itself
         self.optimizer = make_optimizer(self.model, cfg.lr)
+        self.objective = Objective(task_sizes or [n_classes], balance_loss=cfg.balance_loss, loss=cfg.loss)
+        self.n_logits = self.objective.n_logits
+        self.regularizer = None
+        if cfg.regularizer != "none":
+            from ._regularizers import make_regularizer
+
+            self.regularizer = make_regularizer(cfg)
         self.generator = torch.Generator()
         self.rng = rng
         self.eval_set = None
         if eval_set is not None:
-            self.eval_set = (to_device(torch.from_numpy(np.ascontiguousarray(eval_set[0])), self.device), eval_set[1])
+            self.eval_set = (
+                to_device(torch.from_numpy(np.ascontiguousarray(eval_set[0])), self.device),
+                as_targets(np.asarray(eval_set[1])),
+            )
         self.buffer: Buffer | None = None
-        # CUDA graphs are captured for one process; under DDP the step runs eagerly
-        self.use_graphs = self.device.type == "cuda" and cfg.cuda_graphs and self.world == 1
+        # CUDA graphs are captured for one process and the built-in step; otherwise the step runs eagerly
+        self.use_graphs = (
+            self.device.type == "cuda" and cfg.cuda_graphs and self.world == 1 and cfg.loss is None
+            and self.regularizer is None and cfg.step_patience is None
+        )  # fmt: skip
         self._graphed: GraphedTrainer | None = None
         if resume is None:
             # every rank draws the same seeds from rng (selection stays identical) and offsets them by its rank
@@ -105,6 +132,8 @@ class StreamLoop:
             self.step = int(resume["step"])
             if resume.get("buffer") is not None:
                 self.buffer = Buffer.from_arrays(resume["buffer"], self.device)
+            if self.regularizer is not None and resume.get("regularizer") is not None:
+                self.regularizer.load_state_dict(resume["regularizer"])
 
     # -- one step ---------------------------------------------------------------------------------
     def steps(self, chunks: Iterable[ChunkData]) -> Iterator[StepEvent]:
@@ -124,32 +153,46 @@ class StreamLoop:
         t1 = time.perf_counter()
         chunk_X = to_device(torch.from_numpy(chunk.X), self.device)
         if self.buffer is None:
-            self.buffer = Buffer.empty(chunk.X.shape[1], self.n_classes, chunk.provenance, self.device)
+            self.buffer = Buffer.empty(chunk.X.shape[1], self.n_logits, chunk.provenance, self.device,
+                                       n_tasks=self.objective.n_tasks)  # fmt: skip
         buffer = self.buffer
         m = len(buffer)
-        bX, by, blogits = self._buffer_share(buffer)
+        bX, by, bt, blogits = self._buffer_share(buffer)
         nb = len(by)
         X = torch.cat([bX, chunk_X])
-        stored = torch.cat([blogits, torch.zeros((len(chunk.y), self.n_classes), device=self.device)])
+        stored = torch.cat([blogits, torch.zeros((len(chunk.y), self.n_logits), device=self.device)])
         is_buffer = torch.arange(nb + len(chunk.y)) < nb
-        dyn, losses = self._train(X, np.concatenate([by, chunk.y]), cfg.epochs_per_step, stored, is_buffer)
+        targets = np.concatenate([bt, chunk.targets])
+        if self.regularizer is not None:  # the buffer is the episodic memory: cells of earlier steps
+            self.regularizer.begin_step(self.model, bX, to_device(torch.from_numpy(bt), self.device), self.generator)
+        dyn, losses = self._train(X, targets, np.concatenate([by, chunk.y]), cfg.epochs_per_step, stored, is_buffer)
         local_stats = dyn.to_numpy()  # the one synchronisation of the step's training
+        if self.regularizer is not None:
+            t_dev = to_device(torch.from_numpy(targets), self.device)
+            self.regularizer.end_step(self.model, X, t_dev, self.objective.mean_loss, self.generator)
         del X, stored
         t2 = time.perf_counter()
         stats, new, losses, starts = self._gather_step(local_stats, nb, m, chunk, losses)
         n_new = len(new.y)
         self.seen_counts += np.bincount(new.y, minlength=self.n_classes)
         y = np.concatenate([buffer.y, new.y])
+        all_targets = np.concatenate([buffer.targets, new.targets])
         prov = {k: np.concatenate([buffer.provenance[k], v]) for k, v in new.provenance.items()}
         prov["age"] = np.concatenate([buffer.provenance["age"] + 1, np.zeros(n_new, np.int64)])
         prov["step_added"] = np.concatenate([buffer.provenance["step_added"], np.full(n_new, self.step)])
         prov["chunk"] = np.concatenate([buffer.provenance["chunk"], np.full(n_new, chunk.index)])
+        # a cell drawn again (order="weighted" draws with replacement) competes once: its first occurrence
+        cand = first_occurrences(prov["file"], prov["row"])
+        sub = (lambda a: a) if cand is None else (lambda a: a[cand])
         keep = select(
-            y, score_of(stats, cfg.score), cfg.buffer_size, n_classes=self.n_classes, seen_counts=self.seen_counts,
-            rule=cfg.rule, class_budget=cfg.class_budget, min_per_class=cfg.min_per_class, chunk_ids=prov["chunk"],
-            max_chunk_fraction=cfg.max_chunk_fraction, forgetting=stats["forgetting"], ages=prov["age"],
-            score_decay=cfg.score_decay, drop_hard=cfg.drop_hard, rng=self.rng,
+            sub(y), sub(score_of(stats, cfg.score)), cfg.buffer_size, n_classes=self.n_classes,
+            seen_counts=self.seen_counts, rule=cfg.rule, class_budget=cfg.class_budget,
+            min_per_class=cfg.min_per_class, chunk_ids=sub(prov["chunk"]), max_chunk_fraction=cfg.max_chunk_fraction,
+            forgetting=sub(stats["forgetting"]), ages=sub(prov["age"]), score_decay=cfg.score_decay,
+            drop_hard=cfg.drop_hard, rng=self.rng,
         )  # fmt: skip
+        if cand is not None:
+            keep = cand[keep]
         # new kept cells: their owner rank computes the logits of the model that has just learned them
         kept_new = keep[keep >= m] - m
         lo = starts[self.rank]
@@ -157,7 +200,7 @@ class StreamLoop:
         rows = to_device(torch.from_numpy(mine), self.device)
         new_X = chunk_X[rows]
         new_logits = (
-            predict_logits(self.model, new_X) if len(mine) else torch.zeros((0, self.n_classes), device=self.device)
+            predict_logits(self.model, new_X) if len(mine) else torch.zeros((0, self.n_logits), device=self.device)
         )
         old = to_device(torch.from_numpy(keep[keep < m]), self.device)
         self.buffer = Buffer(
@@ -166,6 +209,7 @@ class StreamLoop:
             logits=torch.cat([buffer.logits[old], gather_rows(new_logits)]),
             provenance={k: v[keep] for k, v in prov.items()},
             scores={k: v[keep] for k, v in stats.items()},
+            targets=all_targets[keep],
         )
         t3 = time.perf_counter()
         event = self._event(self.step, new, losses)
@@ -174,13 +218,16 @@ class StreamLoop:
         self.step += 1
         return event
 
-    def _buffer_share(self, buffer: Buffer) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
-        """The buffer cells this rank trains on: all of them in one process, every world-th under DDP."""
+    def _buffer_share(self, buffer: Buffer) -> tuple[torch.Tensor, np.ndarray, np.ndarray, torch.Tensor]:
+        """The buffer cells this rank trains on (features, budget classes, targets, stored logits).
+
+        All of them in one process, every world-th under DDP.
+        """
         if self.world == 1:
-            return buffer.X, buffer.y, buffer.logits
+            return buffer.X, buffer.y, buffer.targets, buffer.logits
         idx = np.arange(self.rank, len(buffer), self.world)
         idx_dev = to_device(torch.from_numpy(idx), self.device)
-        return buffer.X[idx_dev], buffer.y[idx], buffer.logits[idx_dev]
+        return buffer.X[idx_dev], buffer.y[idx], buffer.targets[idx], buffer.logits[idx_dev]
 
     def _gather_step(self, local_stats, nb: int, m: int, chunk: ChunkData, losses: list[float]):
         """Every rank's statistics in the global order (buffer, then the chunk's shares in rank order)."""
@@ -189,7 +236,7 @@ class StreamLoop:
         parts = gather_objects(
             {
                 "stats": local_stats, "nb": nb, "y": chunk.y, "prov": chunk.provenance,
-                "skipped": chunk.n_skipped, "losses": losses,
+                "skipped": chunk.n_skipped, "losses": losses, "targets": chunk.targets,
             }
         )  # fmt: skip
         stats = {}
@@ -200,7 +247,8 @@ class StreamLoop:
             stats[k] = np.concatenate([buf] + [p["stats"][k][p["nb"] :] for p in parts])
         y_new = np.concatenate([p["y"] for p in parts])
         new = ChunkData(chunk.index, None, y_new, concat_by_rank([p["prov"] for p in parts]),
-                        n_skipped=sum(p["skipped"] for p in parts))  # fmt: skip
+                        n_skipped=sum(p["skipped"] for p in parts),
+                        targets=np.concatenate([p["targets"] for p in parts]))  # fmt: skip
         sizes = np.array([len(p["stats"]["aum"]) for p in parts], dtype=np.float64)
         mean_losses = (np.array([p["losses"] for p in parts]) * sizes[:, None]).sum(0) / max(sizes.sum(), 1.0)
         starts = np.concatenate([[0], np.cumsum([len(p["y"]) for p in parts])])
@@ -215,8 +263,9 @@ class StreamLoop:
         t0 = time.perf_counter()
         losses: list[float] = []
         if self.cfg.final_epochs > 0 and len(buffer):
-            bX, by, blogits = self._buffer_share(buffer)
-            _, losses = self._train(bX, by, self.cfg.final_epochs, blogits, torch.ones(len(by), dtype=torch.bool))
+            bX, by, bt, blogits = self._buffer_share(buffer)
+            ones = torch.ones(len(by), dtype=torch.bool)
+            _, losses = self._train(bX, bt, by, self.cfg.final_epochs, blogits, ones)
             parts = gather_objects((len(by), losses))
             total = sum(n for n, _ in parts)
             losses = (np.sum([np.asarray(ls) * n for n, ls in parts], axis=0) / max(total, 1)).tolist()
@@ -224,48 +273,41 @@ class StreamLoop:
         event.update(wait_seconds=0.0, train_seconds=time.perf_counter() - t0, select_seconds=0.0, eval_seconds=0.0)
         return event
 
-    def _train(self, X: torch.Tensor, y: np.ndarray, epochs: int, stored: torch.Tensor, is_buffer: torch.Tensor):
+    def _train(self, X, targets: np.ndarray, budget: np.ndarray, epochs: int, stored, is_buffer):
         """Epochs on the merged set: through a CUDA graph on a GPU, else eagerly (same loss, same orders)."""
         tf32 = self.device.type == "cuda" and self.cfg.tf32
         before = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = before or tf32
         try:
-            return self._train_epochs(X, y, epochs, stored, is_buffer)
+            return self._train_epochs(X, targets, budget, epochs, stored, is_buffer)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = before
 
-    def _train_epochs(self, X, y, epochs, stored, is_buffer):
+    def _train_epochs(self, X, targets, budget, epochs, stored, is_buffer):
         cfg = self.cfg
+        objective = self.objective
         # class weights from the host labels (under DDP from the whole merged set, the same on every rank):
         # the trainer then never copies labels back from the device
-        if not cfg.balance_loss:
-            weights = np.ones(self.n_classes)
-        elif self.world > 1:
-            counts = np.sum(gather_objects(np.bincount(y, minlength=self.n_classes)), axis=0)
-            weights = class_weights(np.repeat(np.arange(self.n_classes), counts), self.n_classes)
-        else:
-            weights = class_weights(y, self.n_classes)
+        counts = objective.task_counts(targets)
+        if self.world > 1 and cfg.balance_loss:
+            counts = [np.sum(c, axis=0) for c in zip(*gather_objects(counts), strict=True)]
+        weights = objective.weights(counts)
         if self.use_graphs and self._graphed is None:
             self._graphed = GraphedTrainer(
                 self.model, self.optimizer, capacity=cfg.buffer_size + cfg.chunk_size, n_features=X.shape[1],
-                n_classes=self.n_classes, batch_size=cfg.batch_size, balance_loss=cfg.balance_loss,
-                distill=cfg.distill, compile=cfg.compile,
+                objective=objective, batch_size=cfg.batch_size, distill=cfg.distill, compile=cfg.compile,
             )  # fmt: skip
         if self._graphed is not None:
             return self._graphed.train(
-                X,
-                y,
-                epochs=epochs,
-                generator=self.generator,
-                stored_logits=stored,
-                is_buffer=is_buffer,
+                X, targets, epochs=epochs, generator=self.generator, stored_logits=stored, is_buffer=is_buffer,
                 weights=weights,
-            )
+            )  # fmt: skip
         return train_epochs(
-            self.net, self.optimizer, X, to_device(torch.from_numpy(y), self.device),
-            epochs=epochs, batch_size=cfg.batch_size, n_classes=self.n_classes,
-            generator=self.generator, balance_loss=cfg.balance_loss, distill=cfg.distill,
-            stored_logits=stored, is_buffer=is_buffer, weights=weights,
+            self.net, self.optimizer, X, to_device(torch.from_numpy(targets), self.device),
+            epochs=epochs, batch_size=cfg.batch_size, objective=objective,
+            generator=self.generator, distill=cfg.distill, stored_logits=stored, is_buffer=is_buffer,
+            weights=weights, regularizer=self.regularizer, patience=cfg.step_patience,
+            min_delta=cfg.step_min_delta, val_fraction=cfg.step_val_fraction, strata=budget,
         )  # fmt: skip
 
     def state(self) -> dict[str, Any]:
@@ -284,6 +326,7 @@ class StreamLoop:
             "seen_counts": self.seen_counts.copy(),
             "optimizer": self.optimizer.state_dict(),
             "rng": self.rng.bit_generator.state,
+            "regularizer": None if self.regularizer is None else self.regularizer.state_dict(),
             **mine,
         }
         if self.world > 1:
@@ -307,6 +350,24 @@ class StreamLoop:
             chunk_class_counts=np.zeros(n, np.int64) if chunk is None else np.bincount(chunk.y, minlength=n),
         )
         if self.eval_set is not None:
-            pred = predict_logits(self.model, self.eval_set[0]).argmax(1).cpu().numpy()
-            event.update(classification_metrics(self.eval_set[1], pred, n))
+            event.update(self.evaluate())
         return event
+
+    def evaluate(self) -> dict[str, Any]:
+        """Metrics on the evaluation set: of the first task, and of every task under ``task_metrics``."""
+        X, targets = self.eval_set
+        pred = self.objective.predictions(predict_logits(self.model, X)).cpu().numpy()
+        per_task = [
+            classification_metrics(targets[:, t], pred[:, t], size) for t, size in enumerate(self.objective.task_sizes)
+        ]
+        out = dict(per_task[0])
+        if len(per_task) > 1:
+            out["task_metrics"] = per_task
+        return out
+
+
+def first_occurrences(files: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
+    """Sorted positions of the first occurrence of every (file, row) pair; None when all pairs are distinct."""
+    keys = files.astype(np.int64) * (1 << 40) + rows.astype(np.int64)
+    _, first = np.unique(keys, return_index=True)
+    return None if first.size == keys.size else np.sort(first)

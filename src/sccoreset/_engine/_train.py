@@ -15,16 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ._dynamics import Dynamics
-
-
-def class_weights(y: np.ndarray, n_classes: int, cap: float = 20.0) -> np.ndarray:
-    """Per-class loss weights, inverse to class frequency in ``y``, mean 1 over cells, capped."""
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    present = counts > 0
-    w = np.zeros(n_classes)
-    w[present] = y.size / (present.sum() * counts[present])
-    return np.minimum(w, cap)
-
+from ._objective import Objective, as_targets, class_weights  # noqa: F401 (class_weights: re-exported)
 
 _TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
@@ -70,65 +61,173 @@ def train_epochs(
     *,
     epochs: int,
     batch_size: int,
-    n_classes: int,
     generator: torch.Generator,
+    objective: Objective | None = None,
+    n_classes: int | None = None,
     balance_loss: bool = True,
     distill: float = 0.0,
     stored_logits: torch.Tensor | None = None,
     is_buffer: torch.Tensor | None = None,
     weights: np.ndarray | None = None,
+    regularizer=None,
+    patience: int | None = None,
+    min_delta: float = 0.0,
+    val_fraction: float = 0.1,
+    strata: np.ndarray | None = None,
 ) -> tuple[Dynamics, list[float]]:
     """Shuffled minibatch epochs on (X, y), both on the model's device; the cells' dynamics and each epoch's mean loss.
 
-    Loss: cross-entropy, weighted by inverse class frequency when ``balance_loss``; plus, for buffer
-    cells (``is_buffer``), ``distill`` times the squared error to their stored logits (dark
-    experience replay), which keeps the function learned on earlier chunks. ``weights`` overrides the
+    Loss: ``objective`` (default: cross-entropy over ``n_classes``, weighted by inverse class frequency
+    when ``balance_loss``), over the targets ``y`` (``(n,)`` or ``(n, n_tasks)``); plus, for buffer
+    cells (``is_buffer``), ``distill`` times the squared error to their stored logits (dark experience
+    replay), which keeps the function learned on earlier chunks; plus the ``regularizer``'s penalty
+    (EWC), whose ``adjust_gradients`` may also project each gradient (A-GEM). ``weights`` overrides the
     class weights (under DDP they come from the labels of all ranks).
+
+    With ``patience``, ``epochs`` is a maximum: a class-stratified ``val_fraction`` of the cells (strata:
+    ``strata``, default the first task's labels) is held out of training, its loss measured after every
+    epoch, and training stops once it has not improved by more than ``min_delta`` for ``patience``
+    epochs; the best epoch's weights are restored. Held-out cells still get dynamics (from their
+    held-out logits). This reads one number per epoch back to the host (a synchronisation).
     """
     dev = X.device
-    n = int(y.shape[0])
-    dyn = Dynamics(n, dev, n_classes)
-    y_host = y.cpu().numpy() if y.device.type != "cpu" else y.numpy()
+    targets = as_targets(y)
+    n = int(targets.shape[0])
+    if objective is None:
+        objective = Objective([n_classes], balance_loss=balance_loss)
+    dyn = Dynamics(n, dev, objective.n_logits, objective.offsets)
+    t_host = targets.cpu().numpy() if targets.device.type != "cpu" else targets.numpy()
     if weights is None:
-        weights = class_weights(y_host, n_classes) if balance_loss else np.ones(n_classes)
-    w_host = weights
-    w = to_device(torch.from_numpy(w_host).float(), dev)
+        weights = objective.weights(objective.task_counts(t_host))
+    w = to_device(torch.from_numpy(np.asarray(weights)).float(), dev)
     use_distill = distill > 0 and stored_logits is not None and is_buffer is not None and len(is_buffer) > 0
     if use_distill:
         buf_weight = is_buffer.to(dev, torch.float32)
         use_distill = bool(buf_weight.sum() > 0) if dev.type == "cpu" else True  # on a GPU, no sync for this
-    orders = to_device(host_orders(n, epochs, generator), dev)
     epoch_loss = torch.zeros(epochs, dtype=torch.float32, device=dev)
     model.train()
+    step = _Step(model, optimizer, objective, w, distill if use_distill else 0.0, stored_logits,
+                 buf_weight if use_distill else None, regularizer)  # fmt: skip
     # ranks holding a few cells fewer than others finish an epoch earlier: Join shadows their all-reduces
     with model.join() if isinstance(model, DistributedDataParallel) else nullcontext():
-        _epochs(model, optimizer, X, y, w, orders, epoch_loss, dyn, batch_size, distill if use_distill else 0.0,
-                stored_logits, buf_weight if use_distill else None)  # fmt: skip
-    return dyn, (epoch_loss / max(n, 1)).tolist()
+        if patience is None:
+            orders = to_device(host_orders(n, epochs, generator), dev)
+            _epochs(step, X, targets, orders, epoch_loss, dyn, batch_size)
+            done = epochs
+        else:
+            strata = t_host[:, 0] if strata is None else strata
+            done = _epochs_early_stop(step, X, targets, epochs, epoch_loss, dyn, batch_size, generator,
+                                      patience, min_delta, val_fraction, strata)  # fmt: skip
+    n_trained = max(n - getattr(step, "n_val", 0), 1)
+    return dyn, (epoch_loss[:done] / n_trained).tolist()
 
 
-def _epochs(model, optimizer, X, y, w, orders, epoch_loss, dyn, batch_size, distill, stored_logits, buf_weight):
-    n = int(y.shape[0])
-    use_distill = distill > 0
+class _Step:
+    """One minibatch step: loss, backward, regularizer, optimizer (shared by both epoch loops)."""
+
+    def __init__(self, model, optimizer, objective, w, distill, stored_logits, buf_weight, regularizer):
+        self.model, self.optimizer, self.objective, self.w = model, optimizer, objective, w
+        self.distill, self.stored_logits, self.buf_weight = distill, stored_logits, buf_weight
+        self.regularizer = regularizer
+        self.module = model.module if isinstance(model, DistributedDataParallel) else model
+
+    def __call__(self, X, targets, idx):
+        xb, yb = X[idx], targets[idx]
+        logits = self.model(xb)
+        loss = self.objective(logits, yb, self.w)
+        if self.distill > 0:
+            mb = self.buf_weight[idx]
+            sq = (logits.float() - self.stored_logits[idx]).square().sum(1)
+            loss = loss + self.distill * (sq * mb).sum() / (mb.sum() * logits.shape[1]).clamp_min(1.0)
+        reg = self.regularizer
+        if reg is not None:
+            extra = reg.penalty(self.module)
+            if extra is not None:
+                loss = loss + extra
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if reg is not None:
+            reg.adjust_gradients(self.module, self.objective.mean_loss)
+        self.optimizer.step()
+        return loss, logits
+
+
+def _epochs(step, X, targets, orders, epoch_loss, dyn, batch_size):
+    n = int(orders.shape[1])
     for e in range(orders.shape[0]):
         order = orders[e]
         for lo in range(0, n, batch_size):
             idx = order[lo : lo + batch_size]
-            xb, yb = X[idx], y[idx]
-            logits = model(xb)
-            log_p_true = torch.log_softmax(logits.float(), 1).gather(1, yb[:, None])[:, 0]
-            wb = w[yb]
-            loss = -(log_p_true * wb).sum() / wb.sum()
-            if use_distill:
-                mb = buf_weight[idx]
-                sq = (logits.float() - stored_logits[idx]).square().sum(1)
-                loss = loss + distill * (sq * mb).sum() / (mb.sum() * logits.shape[1]).clamp_min(1.0)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, logits = step(X, targets, idx)
             dyn.record(idx, logits)
             epoch_loss[e] += loss.detach() * idx.numel()
-        dyn.end_epoch(y)
+        dyn.end_epoch(targets)
+
+
+def stratified_holdout(strata: np.ndarray, fraction: float, generator: torch.Generator) -> np.ndarray:
+    """A boolean mask holding out ``fraction`` of every stratum (at least one cell of strata with 2 or more)."""
+    n = strata.size
+    perm = torch.randperm(n, generator=generator).numpy()
+    held = np.zeros(n, dtype=bool)
+    ranked = perm[np.argsort(strata[perm], kind="stable")]  # shuffled within each stratum
+    _, starts, counts = np.unique(strata[ranked], return_index=True, return_counts=True)
+    for start, count in zip(starts, counts, strict=True):
+        k = round(float(fraction) * int(count))
+        k = min(max(k, 1), count - 1) if count >= 2 else 0
+        held[ranked[start : start + k]] = True
+    return held
+
+
+def _epochs_early_stop(step, X, targets, epochs, epoch_loss, dyn, batch_size, generator, patience, min_delta,
+                       fraction, strata):  # fmt: skip
+    dev = X.device
+    held = stratified_holdout(np.asarray(strata), fraction, generator)
+    train_idx = np.flatnonzero(~held)
+    val_idx = to_device(torch.from_numpy(np.flatnonzero(held)), dev)
+    step.n_val = int(held.sum())
+    model, module, objective = step.model, step.module, step.objective
+    best, best_state, bad, done = float("inf"), None, 0, 0
+    for e in range(epochs):
+        perm = torch.stack([torch.randperm(train_idx.size, generator=generator)])
+        order = to_device(torch.from_numpy(train_idx)[perm], dev)
+        model.train()
+        for lo in range(0, train_idx.size, batch_size):
+            idx = order[0, lo : lo + batch_size]
+            loss, logits = step(X, targets, idx)
+            dyn.record(idx, logits)
+            epoch_loss[e] += loss.detach() * idx.numel()
+        val = _held_out_loss(module, objective, X, targets, val_idx, dyn)
+        dyn.end_epoch(targets, torch.cat([order[0], val_idx]))
+        done = e + 1
+        if val == float("inf"):  # nothing held out (every class a single cell): all epochs
+            continue
+        if val < best - min_delta:
+            best, bad = val, 0
+            best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    model.train()
+    return done
+
+
+@torch.no_grad()
+def _held_out_loss(module, objective, X, targets, val_idx, dyn) -> float:
+    """Mean loss of the held-out cells (their logits also feed the dynamics); averaged over ranks under DDP."""
+    module.eval()
+    logits = module(X[val_idx]) if val_idx.numel() else torch.zeros((0, objective.n_logits), device=X.device)
+    if val_idx.numel():
+        dyn.record(val_idx, logits)
+    total = objective.mean_loss(logits, targets[val_idx]) * val_idx.numel() if val_idx.numel() else None
+    sums = torch.stack([total if total is not None else torch.zeros((), device=X.device),
+                        torch.tensor(float(val_idx.numel()), device=X.device)])  # fmt: skip
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    loss, count = sums.tolist()
+    return loss / count if count else float("inf")
 
 
 @torch.no_grad()

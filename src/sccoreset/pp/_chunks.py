@@ -33,7 +33,8 @@ class Chunk:
     X
         Float32 features on the gene space, ``(n_cells, n_genes)``.
     labels
-        Labels from obs (strings), or None when no ``label_key`` was given.
+        Labels from obs (strings), or None when no ``label_key`` was given; ``(n_cells, n_keys)`` when
+        ``label_key`` is a list of keys.
     file_index
         Index into ``files`` of each cell's file.
     row
@@ -102,7 +103,8 @@ class ChunkReader:
     gene_space
         The fitted gene space the chunks are transformed onto.
     label_key
-        obs column returned as ``chunk.labels``.
+        obs column returned as ``chunk.labels``, or a list of columns (one per task; a cell missing any of
+        them is missing).
     missing_labels
         ``"skip"`` or ``"error"``: see :func:`iter_chunks`.
     n_workers
@@ -119,7 +121,7 @@ class ChunkReader:
         self,
         sources: Sequence[Source],
         gene_space: GeneSpace,
-        label_key: str | None = None,
+        label_key: str | Sequence[str] | None = None,
         *,
         missing_labels: MissingLabels = "skip",
         n_workers: int | None = None,
@@ -164,10 +166,10 @@ class ChunkReader:
             seg_rows = src.physical_rows(start, stop)
             seg_names = src.read_obs_names(start, stop) if self.with_obs_names else np.full(seg_rows.size, None)
             if self.label_key is not None:
-                seg_labels, missing = src.read_labels(self.label_key, start, stop)
+                seg_labels, missing, key = self._read_labels(src, start, stop)
                 if missing.any():
                     if self.missing_labels == "error":
-                        raise missing_labels_error(src, self.label_key, missing, seg_rows)
+                        raise missing_labels_error(src, key, missing, seg_rows)
                     keep = ~missing
                     n_skipped += int(missing.sum())
                     block = take_rows(block, keep)
@@ -181,6 +183,16 @@ class ChunkReader:
             index, blocks, buffers, _cat(labels, object) if self.label_key is not None else None,
             _cat(file_index, np.int32), _cat(rows, np.int64), _cat(names, object), time.perf_counter() - t0, n_skipped,
         )  # fmt: skip
+
+    def _read_labels(self, src: Source, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, str]:
+        """Labels of rows ``[start, stop)``, their missing mask and the key of the first missing value."""
+        if isinstance(self.label_key, str):
+            values, missing = src.read_labels(self.label_key, start, stop)
+            return values, missing, self.label_key
+        cols = [src.read_labels(k, start, stop) for k in self.label_key]
+        missing = np.logical_or.reduce([m for _, m in cols])
+        first = next((k for k, (_, m) in zip(self.label_key, cols, strict=True) if m.any()), self.label_key[0])
+        return np.stack([v for v, _ in cols], 1), missing, first
 
     def transform(self, raw: _RawChunk, *, parallel: bool = True) -> Chunk:
         t0 = time.perf_counter()

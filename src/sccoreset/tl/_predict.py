@@ -18,10 +18,18 @@ from ._record import find_record, is_record
 def load_classifier(
     coreset: AnnData, model: torch.nn.Module | None = None
 ) -> tuple[torch.nn.Module, GeneSpace, list[str]]:
-    """The trained model, its gene space and label order, from a coreset (in memory or read from disk)."""
+    """The trained model, its gene space and label order (of the first task), from a coreset."""
     rec = find_record(coreset)
     gs = GeneSpace.from_dict(rec["gene_space"])
     return load_model(rec["model"], model), gs, [str(c) for c in np.asarray(rec["classes"])]
+
+
+def stored_tasks(coreset: AnnData) -> dict[str, list[str]]:
+    """Label key -> classes of every task the coreset's model predicts, in the order of its logits."""
+    rec = find_record(coreset)
+    if "tasks" in rec and "label_keys" in rec:
+        return {str(k): [str(c) for c in np.asarray(rec["tasks"][str(k)])] for k in np.asarray(rec["label_keys"])}
+    return {str(rec.get("label_key", "label")): [str(c) for c in np.asarray(rec["classes"])]}
 
 
 def predict(
@@ -49,6 +57,10 @@ def predict(
     - ``obs[f"{key_added}_majority_voting"]`` (with ``majority_voting=True``): the most frequent prediction
       within the cell's cluster;
     - ``uns[key_added]``: ``{"params": ..., "classes": ...}``, how the prediction was made.
+
+    A multi-task model (trained with several label keys) writes the same outputs for every task ``t``,
+    named ``f"{key_added}_{t}_prediction"``, ``f"{key_added}_{t}_confidence"``,
+    ``f"{key_added}_{t}_probabilities"`` and ``f"{key_added}_{t}_majority_voting"``.
 
     Parameters
     ----------
@@ -104,25 +116,33 @@ def predict(
             "would overwrite it and the coreset's own columns. Pass another key_added, e.g. key_added='predicted'."
         )
 
-    net, gs, classes = load_classifier(coreset, model)
+    net, gs, _ = load_classifier(coreset, model)
+    tasks = stored_tasks(coreset)
     dev = resolve_device(device)
     net = net.to(dev)
     counts = adata.X if layer is None else adata.layers[layer]
     X = gs.transform(counts, adata.var_names, source="adata")
-    if X.shape[0]:
-        logits = host_logits(net, X, dev, batch_size)
-        prob = torch.softmax(torch.from_numpy(logits).double(), 1).numpy()
-    else:
-        prob = np.zeros((0, len(classes)))
-    best = prob.argmax(1)
-    names = pd.Index(np.asarray(classes, dtype=object), dtype=object)
-
+    n_logits = sum(len(c) for c in tasks.values())
+    logits = host_logits(net, X, dev, batch_size) if X.shape[0] else np.zeros((0, n_logits), np.float32)
+    if logits.shape[1] != n_logits:
+        raise InputError(
+            f"the coreset's model outputs {logits.shape[1]} logits per cell, its classes number {n_logits}."
+        )
     adata = adata.copy() if copy else adata
-    adata.obs[f"{key_added}_prediction"] = pd.Categorical.from_codes(best, categories=names)
-    adata.obs[f"{key_added}_confidence"] = prob[np.arange(best.size), best]
-    adata.obsm[f"{key_added}_probabilities"] = pd.DataFrame(prob, index=adata.obs_names.copy(), columns=names)
-    if majority_voting:
-        adata.obs[f"{key_added}_majority_voting"] = _majority_vote(adata.obs[over_clustering], best, names)
+    lo = 0
+    for task, classes in tasks.items():
+        prefix = key_added if len(tasks) == 1 else f"{key_added}_{task}"
+        part = torch.from_numpy(np.ascontiguousarray(logits[:, lo : lo + len(classes)])).double()
+        lo += len(classes)
+        prob = torch.softmax(part, 1).numpy()
+        best = prob.argmax(1)
+        names = pd.Index(np.asarray(classes, dtype=object), dtype=object)
+        adata.obs[f"{prefix}_prediction"] = pd.Categorical.from_codes(best, categories=names)
+        adata.obs[f"{prefix}_confidence"] = prob[np.arange(best.size), best]
+        adata.obsm[f"{prefix}_probabilities"] = pd.DataFrame(prob, index=adata.obs_names.copy(), columns=names)
+        if majority_voting:
+            adata.obs[f"{prefix}_majority_voting"] = _majority_vote(adata.obs[over_clustering], best, names)
+    classes = next(iter(tasks.values()))
     adata.uns[key_added] = {
         "params": {
             "layer": "None" if layer is None else str(layer),
@@ -135,6 +155,8 @@ def predict(
         },
         "classes": np.asarray(classes, dtype=str),
     }
+    if len(tasks) > 1:
+        adata.uns[key_added]["tasks"] = {k: np.asarray(c, dtype=str) for k, c in tasks.items()}
     return adata if copy else None
 
 

@@ -7,7 +7,7 @@ assemble the coreset. Everything AnnData-facing of a run lives here; the loop it
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,25 +37,87 @@ from ._device import resolve_device
 
 
 def eval_arrays(
-    eval_data: Any, gene_space: GeneSpace, label_key: str, classes: Sequence[str], cfg: StreamConfig
+    eval_data: Any, gene_space: GeneSpace, label_keys: Sequence[str], tasks: Sequence[Sequence[str]], cfg: StreamConfig
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Features and integer labels of the evaluation data (AnnData/MuData or paths)."""
+    """Features and integer targets ``(n, n_tasks)`` of the evaluation data (AnnData/MuData or paths)."""
     with open_sources(eval_data, mod=cfg.mod, layer=cfg.layer) as sources:
-        reader = ChunkReader(sources, gene_space, label_key, missing_labels=cfg.missing_labels, n_workers=cfg.n_workers)
+        reader = ChunkReader(
+            sources, gene_space, list(label_keys), missing_labels=cfg.missing_labels, n_workers=cfg.n_workers
+        )
         chunks = [reader.read(0, [(f, 0, s.n_obs)]) for f, s in enumerate(sources)]
     X = np.concatenate([c.X for c in chunks])
     labels = np.concatenate([c.labels for c in chunks])
-    lookup = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(labels) - set(lookup))
-    if unknown:
-        raise InputError(
-            f"eval_data: obs[{label_key!r}] holds labels the training stream does not have: {unknown[:10]}."
-        )
-    return X, np.array([lookup[v] for v in labels], dtype=np.int64)
+    targets = np.empty(labels.shape, dtype=np.int64)
+    for t, (key, classes) in enumerate(zip(label_keys, tasks, strict=True)):
+        lookup = pd.Index(classes)
+        targets[:, t] = lookup.get_indexer(labels[:, t])
+        unknown = sorted(set(labels[targets[:, t] < 0, t]))
+        if unknown:
+            raise InputError(f"eval_data: obs[{key!r}] holds labels the training stream does not have: {unknown[:10]}.")
+    return X, targets
+
+
+def as_label_keys(label_key: Any) -> list[str]:
+    """``label_key`` as a list of obs keys, one per task (a single key is one task)."""
+    keys = [label_key] if isinstance(label_key, str) else label_key
+    if not isinstance(keys, Sequence) or isinstance(keys, str) or not keys:
+        raise InputError(f"label_key must be an obs key or a list of obs keys, got {label_key!r}.")
+    keys = list(keys)
+    if not all(isinstance(k, str) and k for k in keys):
+        raise InputError(f"label_key must be an obs key or a list of obs keys, got {label_key!r}.")
+    if len(set(keys)) < len(keys):
+        raise InputError(f"label_key lists a key twice: {keys}.")
+    return keys
+
+
+def given_classes(classes: Any, label_keys: Sequence[str]) -> list[list[str] | None]:
+    """The label set given for each task: a sequence (one task) or a dict by label key (any task may be absent)."""
+    if classes is None:
+        return [None] * len(label_keys)
+    if isinstance(classes, Mapping):
+        unknown = sorted(set(classes) - set(label_keys))
+        if unknown:
+            raise InputError(
+                f"classes names keys that are not label keys: {unknown}; the label keys are {list(label_keys)}."
+            )
+        return [None if classes.get(k) is None else [str(c) for c in classes[k]] for k in label_keys]
+    if len(label_keys) > 1:
+        raise InputError("classes: with several label keys, give a dict {label key: classes}.")
+    return [[str(c) for c in classes]]
+
+
+class Budget:
+    """The classes selection balances: one task's classes, or the combinations of several tasks' classes."""
+
+    def __init__(self, keys: Sequence[str], label_keys: Sequence[str], tasks: Sequence[Sequence[str]]) -> None:
+        unknown = [k for k in keys if k not in label_keys]
+        if unknown:
+            raise InputError(f"budget_key {unknown} must be among the label keys {list(label_keys)}.")
+        self.keys = list(keys)
+        self.tasks = [list(label_keys).index(k) for k in keys]
+        self.sizes = [len(tasks[t]) for t in self.tasks]
+        self.n_classes = int(np.prod(self.sizes))
+        if self.n_classes > 1_000_000:
+            raise InputError(f"budget_key {self.keys}: {self.n_classes} combinations of classes; at most 1,000,000.")
+        if len(self.tasks) == 1:
+            self.names = list(tasks[self.tasks[0]])
+        else:
+            grids = np.meshgrid(*[np.arange(c) for c in self.sizes], indexing="ij")
+            self.names = [
+                " | ".join(tasks[t][i] for t, i in zip(self.tasks, combo, strict=True))
+                for combo in zip(*[g.ravel() for g in grids], strict=True)
+            ]
+
+    def codes(self, targets: np.ndarray) -> np.ndarray:
+        """Budget class of each cell from its targets ``(n, n_tasks)`` (mixed radix over the budget's tasks)."""
+        code = np.zeros(targets.shape[0], dtype=np.int64)
+        for t, size in zip(self.tasks, self.sizes, strict=True):
+            code = code * size + targets[:, t]
+        return code
 
 
 def check_model(model: torch.nn.Module, n_genes: int, n_classes: int) -> None:
-    """The model maps ``n_genes`` features to ``n_classes`` logits (tried on its own device)."""
+    """The model maps ``n_genes`` features to ``n_classes`` logits (all tasks' heads; tried on its own device)."""
     try:
         with torch.no_grad():
             was = model.training
@@ -65,7 +127,10 @@ def check_model(model: torch.nn.Module, n_genes: int, n_classes: int) -> None:
     except Exception as e:
         raise InputError(f"model: cannot map {n_genes} features (the gene list) to logits ({e}).") from e
     if out.ndim != 2 or out.shape[1] != n_classes:
-        raise InputError(f"model: outputs shape {tuple(out.shape[1:])} per cell, but there are {n_classes} classes.")
+        raise InputError(
+            f"model: outputs shape {tuple(out.shape[1:])} per cell, but there are {n_classes} classes "
+            "(over all tasks: one logit per class of every label key, concatenated in order)."
+        )
 
 
 class StreamRun:
@@ -74,25 +139,31 @@ class StreamRun:
     def __init__(
         self,
         sources: Sequence[Source],
-        label_key: str,
+        label_key: str | Sequence[str],
         cfg: StreamConfig,
         *,
         gene_space: GeneSpace | None = None,
-        classes: Sequence[str] | None = None,
+        classes: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
         model: torch.nn.Module | None = None,
         eval_data: Any = None,
     ) -> None:
         self.t_start = time.perf_counter()
-        self.sources, self.label_key, self.cfg = list(sources), label_key, cfg
+        self.sources, self.cfg = list(sources), cfg
+        self.label_keys = as_label_keys(label_key)
+        self.label_key = self.label_keys[0]
         self.device = resolve_device(cfg.device)
         rng = as_rng(cfg.random_state)
-        info = scan_sources(self.sources, label_key, classes, missing_labels=cfg.missing_labels)
-        self.classes = [str(c) for c in classes] if classes is not None else info.labels
-        if len(self.classes) < 2:
-            raise InputError(f"obs[{label_key!r}]: need at least 2 classes to train, found {self.classes}.")
-        if cfg.min_per_class * len(self.classes) > cfg.buffer_size:
+        self.tasks: list[list[str]] = []
+        for key, given in zip(self.label_keys, given_classes(classes, self.label_keys), strict=True):
+            info = scan_sources(self.sources, key, given, missing_labels=cfg.missing_labels)
+            self.tasks.append(given if given is not None else info.labels)
+            if len(self.tasks[-1]) < 2:
+                raise InputError(f"obs[{key!r}]: need at least 2 classes to train, found {self.tasks[-1]}.")
+        self.budget = Budget(cfg.budget_key or self.label_keys[:1], self.label_keys, self.tasks)
+        self.classes = self.tasks[0]
+        if cfg.min_per_class * self.budget.n_classes > cfg.buffer_size:
             raise InputError(
-                f"buffer_size ({cfg.buffer_size}) is smaller than the number of classes ({len(self.classes)}) "
+                f"buffer_size ({cfg.buffer_size}) is smaller than the number of classes ({self.budget.n_classes}) "
                 f"times min_per_class ({cfg.min_per_class})."
             )
         self.rank, self.world = rank_world()
@@ -112,19 +183,22 @@ class StreamRun:
         self.gene_space = gene_space
         # on a GPU the reader writes chunks into pinned memory, so uploads are asynchronous DMA copies
         self.reader = ChunkReader(
-            self.sources, gene_space, label_key, missing_labels=cfg.missing_labels, n_workers=cfg.n_workers,
+            self.sources, gene_space, self.label_keys, missing_labels=cfg.missing_labels, n_workers=cfg.n_workers,
             pin_memory=str(self.device).startswith("cuda"), obs_names=False,
         )  # fmt: skip
         for f in range(len(self.sources)):
             self.reader.col_map(f)  # gene alignment errors before any training
-        eval_set = eval_arrays(eval_data, gene_space, label_key, self.classes, cfg) if eval_data is not None else None
+        eval_set = None
+        if eval_data is not None:
+            eval_set = eval_arrays(eval_data, gene_space, self.label_keys, self.tasks, cfg)
         self.spec: dict | None = None
+        n_out = sum(len(t) for t in self.tasks)
         if model is None:
-            self.spec = mlp_spec(gene_space.n_genes, len(self.classes), cfg.hidden)
+            self.spec = mlp_spec(gene_space.n_genes, n_out, cfg.hidden)
             torch.manual_seed(int(rng.integers(2**62)))
             model = build_model(self.spec)
         else:
-            check_model(model, gene_space.n_genes, len(self.classes))
+            check_model(model, gene_space.n_genes, n_out)
         self.model = model
         from ..pp._weights import source_weights  # TODO hoist to the module imports
 
@@ -140,7 +214,8 @@ class StreamRun:
             self.plan = [[tuple(seg) for seg in chunk] for chunk in saved["plan"]]
             self.events = list(saved["events"])
         self.loop = StreamLoop(
-            model, cfg, n_classes=len(self.classes), device=self.device, eval_set=eval_set, rng=rng,
+            model, cfg, n_classes=self.budget.n_classes, task_sizes=[len(t) for t in self.tasks],
+            device=self.device, eval_set=eval_set, rng=rng,
             resume=None if saved is None else saved["engine"],
         )  # fmt: skip
 
@@ -150,7 +225,7 @@ class StreamRun:
 
     def _check_resume(self, saved: dict[str, Any], gene_space: GeneSpace | None) -> GeneSpace:
         check_same_run(saved, self.params(), self.fingerprint, Path(self.cfg.checkpoint_dir))
-        if list(saved["classes"]) != self.classes:
+        if list(saved["classes"]) != self.classes or list(saved.get("tasks", [self.classes])) != self.tasks:
             raise InputError(f"resume: the checkpoint's classes {list(saved['classes'])} differ from {self.classes}.")
         stored = GeneSpace.from_dict(saved["gene_space"])
         if gene_space is not None and list(gene_space.genes) != list(stored.genes):
@@ -168,12 +243,15 @@ class StreamRun:
         return [sum(stop - start for _, start, stop in chunk) for chunk in self.plan]
 
     def _chunks(self) -> Iterator[ChunkData]:
-        lookup = pd.Index(self.classes)
+        lookups = [pd.Index(t) for t in self.tasks]
         plan = shard_plan(self.plan, self.rank, self.world) if self.world > 1 else self.plan
         for chunk in self.reader.iterate(plan, start=self.loop.step, prefetch=self.cfg.prefetch):
-            y = lookup.get_indexer(chunk.labels).astype(np.int64)  # every label is in the scanned set
+            targets = np.empty((len(chunk.labels), len(lookups)), dtype=np.int64)
+            for t, lookup in enumerate(lookups):  # every label is in the scanned set
+                targets[:, t] = lookup.get_indexer(chunk.labels[:, t])
             prov = {"file": chunk.file_index.astype(np.int64), "row": chunk.row}
-            yield ChunkData(chunk.index, chunk.X, y, prov, n_skipped=int(getattr(chunk, "n_skipped", 0)))
+            yield ChunkData(chunk.index, chunk.X, self.budget.codes(targets), prov,
+                            n_skipped=int(getattr(chunk, "n_skipped", 0)), targets=targets)  # fmt: skip
 
     def events_iter(self) -> Iterator[StepEvent]:
         """Step events, then the final consolidation's; checkpoints written as configured."""
@@ -195,7 +273,7 @@ class StreamRun:
             write_checkpoint(
                 cfg.checkpoint_dir,
                 {
-                    "params": self.params(), "files": self.fingerprint, "classes": self.classes,
+                    "params": self.params(), "files": self.fingerprint, "classes": self.classes, "tasks": self.tasks,
                     "gene_space": self.gene_space.to_dict(), "plan": self.plan, "model": self.model.state_dict(),
                     "engine": state, "events": self.events,
                 },
@@ -211,9 +289,12 @@ class StreamRun:
             "wall_seconds": time.perf_counter() - self.t_start,
         }  # fmt: skip
         return build_coreset(
-            self.sources, self.loop.buffer, History.from_events(self.events, len(self.classes)),
+            self.sources, self.loop.buffer,
+            History.from_events(self.events, self.budget.n_classes, self.label_keys if len(self.tasks) > 1 else None),
             gene_space=self.gene_space, classes=self.classes, label_key=self.label_key, model=self.model,
+            tasks=dict(zip(self.label_keys, self.tasks, strict=True)), budget=self.budget,
             spec=self.spec, params=params, key_added=self.cfg.key_added, class_totals=self.loop.seen_counts,
+            genes=self.cfg.genes,
         )  # fmt: skip
 
 
