@@ -61,6 +61,13 @@ def test_two_tasks_train_predict_and_record(two_task_stream):
         assert query.obsm[f"pred_{key}_probabilities"].shape == (query.n_obs, len(rec["tasks"][key]))
     acc = (query.obs["pred_lineage_prediction"].astype(str) == query.obs["lineage"].astype(str)).mean()
     assert acc > 0.6
+    # plots per task
+    ax = scc.pl.f1_trajectories(coreset, task="lineage", show=False)
+    assert len(ax.get_lines()) == n_lineages + 2
+    np.testing.assert_allclose(ax.get_lines()[-2].get_ydata(), hist["tasks"]["lineage"]["macro_f1"])
+    scc.pl.chunk_distribution(coreset, kind="final", task="lineage", show=False)
+    with pytest.raises(InputError, match="not a label key"):
+        scc.pl.f1_trajectories(coreset, task="donor", show=False)
 
 
 def test_budget_over_a_combination_of_keys(two_task_stream, tmp_path):

@@ -45,6 +45,15 @@ def _padded(rows: Sequence[np.ndarray], width: int) -> np.ndarray:
     return np.array([np.pad(np.asarray(r), (0, width - len(r))) for r in rows], dtype=np.int64).reshape(-1, width)
 
 
+def _nan_padded(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Rows of different lengths (early stopping within a step ends some early) padded with NaN."""
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), width), np.nan)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
 @dataclass
 class History:
     """Per-step arrays (one row per chunk step) plus the final consolidation's figures.
@@ -71,7 +80,7 @@ class History:
             "n_local": np.array([e.get("n_local", e["n_chunk"]) for e in steps], dtype=np.int64),
             "n_skipped": np.array([e.get("n_skipped", 0) for e in steps], dtype=np.int64),
             "train_loss": np.array([e["train_loss"] for e in steps], dtype=np.float64),
-            "epoch_losses": np.array([e["epoch_losses"] for e in steps], dtype=np.float64),
+            "epoch_losses": _nan_padded([e["epoch_losses"] for e in steps]),
             "buffer_class_counts": _padded([e["buffer_class_counts"] for e in steps], n_classes),
             "chunk_class_counts": _padded([e["chunk_class_counts"] for e in steps], n_classes),
             "buffer_chunk_counts": _padded([e["buffer_chunk_counts"] for e in steps], n_chunks),

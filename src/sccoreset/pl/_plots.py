@@ -12,7 +12,7 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 
 from .._errors import InputError
-from ._utils import class_colors, finish, history_array, new_axes, record
+from ._utils import budget_keys, class_colors, finish, history_array, new_axes, record, task_classes
 
 _PLOT_ARGS = """ax
         Draw into these Axes instead of a new figure.
@@ -41,6 +41,7 @@ def chunk_distribution(
     *,
     by: Literal["chunk", "file"] = "chunk",
     kind: Literal["history", "final"] = "history",
+    task: str | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
@@ -59,6 +60,8 @@ def chunk_distribution(
         Group cells by the chunk or the file they came from.
     kind
         ``"history"`` or ``"final"``.
+    task
+        The label key whose classes the ``"final"`` table shows, in a multi-task run (default the first).
     {plot_args}
     """
     rec = record(coreset)
@@ -79,8 +82,7 @@ def chunk_distribution(
         if counts.shape[1] <= 12:
             ax.legend(loc="upper left", bbox_to_anchor=(1, 1), fontsize="small", frameon=False)
     elif kind == "final":
-        classes = [str(c) for c in rec["classes"]]
-        label_key = str(rec["label_key"])
+        label_key, classes = task_classes(rec, task)
         col = "sccoreset_chunk" if by == "chunk" else "sccoreset_file"
         table = coreset.obs.groupby([col, label_key], observed=False).size().unstack(fill_value=0)
         table = table.reindex(columns=classes, fill_value=0)
@@ -103,6 +105,7 @@ def f1_trajectories(
     coreset: AnnData,
     *,
     classes: Sequence[str] | None = None,
+    task: str | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
@@ -119,17 +122,25 @@ def f1_trajectories(
         AnnData returned by :func:`~sccoreset.tl.stream_train` with ``eval_data``.
     classes
         Classes to draw (default all).
+    task
+        The label key whose F1 to draw, in a multi-task run (default the first).
     {plot_args}
     """
     rec = record(coreset)
-    f1 = history_array(rec, "f1")
+    key, all_classes = task_classes(rec, task)
+    hist = rec["history"]
+    first_key = str(np.asarray(rec.get("label_keys", [rec.get("label_key")]))[0])
+    if key != first_key:  # another task's metrics live under history["tasks"]
+        hist = {**hist, **hist["tasks"][key]}
+    f1 = history_array({"history": hist}, "f1")
     steps = history_array(rec, "step")
-    all_classes = [str(c) for c in rec["classes"]]
     chosen = all_classes if classes is None else [str(c) for c in classes]
     unknown = sorted(set(chosen) - set(all_classes))
     if unknown:
         raise InputError(f"classes: not in the coreset's classes: {unknown}.")
     seen = np.asarray(rec["history"]["chunk_class_counts"])
+    if seen.shape[1] != len(all_classes) or budget_keys(rec) != [key]:
+        seen = np.ones((len(steps), len(all_classes)))  # counts are of the budget's classes: no late/rare tags
     first = np.array([np.flatnonzero(seen[:, i])[0] if seen[:, i].any() else -1 for i in range(len(all_classes))])
     share = seen.sum(0) / max(seen.sum(), 1)
     colors = class_colors(coreset, all_classes)
@@ -141,12 +152,12 @@ def f1_trajectories(
         style = ":" if share[i] < 0.01 else "--" if late else "-"
         tag = " (rare)" if share[i] < 0.01 else " (late)" if late else ""
         ax.plot(steps, f1[:, i], style, color=colors[i], lw=1.2, label=name + tag)
-    ax.plot(steps, history_array(rec, "macro_f1"), color="black", lw=3, label="macro-F1")
-    ax.plot(steps, history_array(rec, "accuracy"), color="grey", lw=3, label="accuracy")
+    ax.plot(steps, history_array({"history": hist}, "macro_f1"), color="black", lw=3, label="macro-F1")
+    ax.plot(steps, history_array({"history": hist}, "accuracy"), color="grey", lw=3, label="accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("step")
     ax.set_ylabel("F1 on evaluation data")
-    ax.set_title("per-class F1 along the stream")
+    ax.set_title("per-class F1 along the stream" + (f" ({key})" if "tasks" in rec else ""))
     ax.legend(loc="upper left", bbox_to_anchor=(1, 1), fontsize="small", frameon=False)
     return finish(ax, ax_given=ax_given, show=show, save=save, return_fig=return_fig)
 
@@ -223,9 +234,10 @@ def loss(
     ax = new_axes(ax, (7, 3.5))
     xs = np.arange(n_steps * per_step) / per_step
     ax.plot(xs, epochs.ravel(), color="tab:blue", lw=1, label="epoch loss")
-    ax.plot(
-        np.arange(n_steps) + (per_step - 1) / per_step, epochs[:, -1], "o", color="tab:blue", ms=4, label="end of step"
-    )
+    # steps stopped early (step_patience) have NaN after their last epoch
+    done = np.isfinite(epochs).sum(1)
+    last = epochs[np.arange(n_steps), np.maximum(done - 1, 0)]
+    ax.plot(np.arange(n_steps) + (done - 1) / per_step, last, "o", color="tab:blue", ms=4, label="end of step")
     final = rec["history"].get("final", {})
     fl = np.asarray(final.get("epoch_losses", []), dtype=float)
     if fl.size:

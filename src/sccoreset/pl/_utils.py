@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,3 +61,23 @@ def history_array(rec: dict[str, Any], key: str) -> np.ndarray:
     if key not in hist:
         raise InputError(f"coreset: the history has no {key!r} (was stream_train given eval_data?).")
     return np.asarray(hist[key])
+
+
+def task_classes(rec: dict[str, Any], task: str | None) -> tuple[str, list[str]]:
+    """The label key and classes of ``task`` (default: the first task)."""
+    keys = [str(k) for k in np.asarray(rec.get("label_keys", [rec.get("label_key", "")]))]
+    key = keys[0] if task is None else str(task)
+    if key not in keys:
+        raise InputError(f"task={task!r} is not a label key of the run; its label keys are {keys}.")
+    if "tasks" in rec:
+        return key, [str(c) for c in np.asarray(rec["tasks"][key])]
+    return key, [str(c) for c in np.asarray(rec["classes"])]
+
+
+def budget_keys(rec: dict[str, Any]) -> list[str]:
+    """The label keys whose classes the buffer's budget balanced (default: the first label key)."""
+    stored = rec.get("params", {}).get("budget_key", "None")
+    if isinstance(stored, str) and stored != "None":
+        return [str(k) for k in json.loads(stored)]
+    keys = np.asarray(rec.get("label_keys", [rec.get("label_key", "")]))
+    return [str(keys[0])]
