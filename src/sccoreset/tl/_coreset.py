@@ -81,7 +81,7 @@ def _counts_on_union(sources: Sequence[Source], buffer: Buffer) -> tuple[sp.csr_
 
 
 def _all_genes_var(union: pd.Index, sources: Sequence[Source], gene_space: GeneSpace, key_added: str) -> pd.DataFrame:
-    """var of a ``genes="all"`` coreset: the gene list marked, its statistics (NaN elsewhere), files per gene."""
+    """The var of a ``genes="all"`` coreset: the gene list marked, its statistics (NaN elsewhere), files per gene."""
     pos = pd.Index(gene_space.genes).get_indexer(union)
     on_list = pos >= 0
     mean = np.full(len(union), np.nan)

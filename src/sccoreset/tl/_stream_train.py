@@ -71,6 +71,17 @@ def stream_train(
         ``_step_added`` and the score columns (``_aum``, ``_confidence``, ``_variability``, ``_forgetting``,
         ``_loss``), ``uns[key_added]`` the parameters, classes, gene space, per-step history and the model.
 
+        With ``genes="all"``, ``X`` holds instead the kept cells' raw counts on every gene of the files
+        (the union of their genes in order of first appearance; float32 CSR, read back from the files, from
+        ``layer`` when one is given), so scanpy's ``normalize_total``, ``log1p`` and ``rank_genes_groups``
+        work on the coreset as on any counts AnnData, and :func:`~sccoreset.tl.predict` takes it as new data.
+        A gene that a file lacks is zeros for that file's cells: ``uns[key_added]["genes_missing_per_file"]``
+        counts the union genes each file lacks, ``var[f"{key_added}_n_files"]`` the files that have each
+        gene, and a ``MissingGenesWarning`` names the files that lack some. ``var["highly_variable"]``
+        marks the gene list (``mean``/``std`` are NaN for the other genes); the features go to
+        ``obsm[f"{key_added}_features"]`` (dense float32, columns in the order of
+        ``uns[key_added]["gene_space"]["genes"]``); there is no ``layers["counts"]``.
+
     Examples
     --------
         >>> import sccoreset as scc
