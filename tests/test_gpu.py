@@ -59,3 +59,31 @@ def test_cuda_graphs_learn_like_eager_steps(small_stream, small_gene_space):
         )  # fmt: skip
         f1[graphs] = cs.uns["sccoreset"]["history"]["final"]["macro_f1"]
     assert abs(f1[True] - f1[False]) < 0.15, f1
+
+
+def test_multitask_on_cuda_graphs_like_eager(small_stream, small_gene_space, tmp_path):
+    import pandas as pd
+
+    files = []
+    for f in [*small_stream.files, small_stream.holdout]:
+        a = ad.read_h5ad(f)
+        a.obs["lineage"] = pd.Categorical(a.obs["cell_type"].astype(str).map(small_stream.lineage))
+        a.write_h5ad(tmp_path / f.name)
+        files.append(tmp_path / f.name)
+    out = {}
+    for graphs in (True, False):
+        cs = scc.tl.stream_train(
+            files[:-1], ["cell_type", "lineage"], gene_space=small_gene_space, device="cuda", cuda_graphs=graphs,
+            eval_data=files[-1], random_state=3, **{**KW, "epochs_per_step": 5, "final_epochs": 5},
+        )  # fmt: skip
+        out[graphs] = cs.uns["sccoreset"]["history"]["tasks"]["lineage"]["macro_f1"][-1]
+    assert abs(out[True] - out[False]) < 0.15, out
+    assert out[True] > 0.6
+
+
+@pytest.mark.parametrize("options", [{"regularizer": "ewc"}, {"regularizer": "agem"}, {"step_patience": 1}])
+def test_eager_only_options_run_on_cuda(small_stream, small_gene_space, options):
+    cs = scc.tl.stream_train(
+        small_stream.files, "cell_type", gene_space=small_gene_space, device="cuda", **{**KW, **options}
+    )
+    assert cs.n_obs == KW["buffer_size"]
