@@ -139,7 +139,8 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    """The parameters that train, by name (without the prefix that ``torch.compile`` adds)."""
+    return [(name.replace("_orig_mod.", ""), p) for name, p in model.named_parameters() if p.requires_grad]
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -302,7 +303,8 @@ class OnlineEWC(Regularizer):
 
     @staticmethod
     def _vmap_squares(model, named, X, targets, loss_fn, sq) -> None:
-        params = {name: p.detach() for name, p in named}
+        # functional_call needs the module's own names (with torch.compile's prefix, if any), in ``named``'s order
+        params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
         buffers = {name: b.detach() for name, b in model.named_buffers()}
 
         def one_loss(prm, x, t):
@@ -313,7 +315,7 @@ class OnlineEWC(Regularizer):
         group = max(1, _PER_SAMPLE_BUDGET // max(n_params, 1))
         for lo in range(0, int(X.shape[0]), group):
             g = per_sample(params, X[lo : lo + group], targets[lo : lo + group])
-            for s, (name, _) in zip(sq, named, strict=True):
+            for s, name in zip(sq, params, strict=True):
                 s.add_(g[name].float().square().sum(0))
 
     @staticmethod
