@@ -76,3 +76,32 @@ def test_torchrun_two_ranks_share_the_reading_and_agree(stream, tmp_path):
     single = scc.tl.stream_train(stream.files, stream.label_key, gene_space=gs, eval_data=stream.holdout, **KW)
     f1_single = single.uns["sccoreset"]["history"]["final"]["macro_f1"]
     assert abs(results[0]["f1"] - f1_single) <= 0.02, (results[0]["f1"], f1_single)
+
+
+@pytest.mark.parametrize("options", [{"regularizer": "agem", "step_patience": 1}, {"regularizer": "ewc"}])
+def test_torchrun_eager_options_agree_across_ranks(stream, tmp_path, options):
+    """A-GEM (an all-reduce per minibatch), EWC and within-step early stopping (an all-reduce per epoch) under
+    two ranks with uneven shares: no hang, and both ranks end with the same coreset."""
+    files = [str(f) for f in stream.files[:2]]
+    kw = {**KW, "chunk_size": 301, "epochs_per_step": 3, "final_epochs": 1, "n_top_genes": 100, **options}
+    script = tmp_path / "ddp_opts.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json, torch.distributed as dist
+            import sccoreset as scc
+            dist.init_process_group("gloo")
+            cs = scc.tl.stream_train({json.dumps(files)}, {stream.label_key!r}, **{kw!r})
+            with open({str(tmp_path)!r} + f"/rank{{dist.get_rank()}}.json", "w") as fh:
+                json.dump(list(map(str, cs.obs_names)), fh)
+            dist.destroy_process_group()
+            """
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    obs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert obs[0] == obs[1] and len(obs[0]) == KW["buffer_size"]

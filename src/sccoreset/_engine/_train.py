@@ -108,18 +108,30 @@ def train_epochs(
     model.train()
     step = _Step(model, optimizer, objective, w, distill if use_distill else 0.0, stored_logits,
                  buf_weight if use_distill else None, regularizer)  # fmt: skip
-    # ranks holding a few cells fewer than others finish an epoch earlier: Join shadows their all-reduces
-    with model.join() if isinstance(model, DistributedDataParallel) else nullcontext():
-        if patience is None:
-            orders = to_device(host_orders(n, epochs, generator), dev)
+    if patience is None:
+        orders = to_device(host_orders(n, epochs, generator), dev)
+        with joined(model, regularizer):
             _epochs(step, X, targets, orders, epoch_loss, dyn, batch_size)
-            done = epochs
-        else:
-            strata = t_host[:, 0] if strata is None else strata
-            done = _epochs_early_stop(step, X, targets, epochs, epoch_loss, dyn, batch_size, generator,
-                                      patience, min_delta, val_fraction, strata)  # fmt: skip
+        done = epochs
+    else:
+        strata = t_host[:, 0] if strata is None else strata
+        done = _epochs_early_stop(step, X, targets, epochs, epoch_loss, dyn, batch_size, generator,
+                                  patience, min_delta, val_fraction, strata)  # fmt: skip
     n_trained = max(n - getattr(step, "n_val", 0), 1)
     return dyn, (epoch_loss[:done] / n_trained).tolist()
+
+
+def joined(model: nn.Module, regularizer=None):
+    """Under DDP, a Join context (else a null context).
+
+    Ranks holding a few cells fewer finish earlier; Join shadows their all-reduces (DDP's, and A-GEM's
+    reference gradient's) until every rank is done.
+    """
+    if not isinstance(model, DistributedDataParallel):
+        return nullcontext()
+    from torch.distributed.algorithms.join import Join, Joinable
+
+    return Join([model] + ([regularizer] if isinstance(regularizer, Joinable) else []))
 
 
 class _Step:
@@ -191,11 +203,13 @@ def _epochs_early_stop(step, X, targets, epochs, epoch_loss, dyn, batch_size, ge
         perm = torch.stack([torch.randperm(train_idx.size, generator=generator)])
         order = to_device(torch.from_numpy(train_idx)[perm], dev)
         model.train()
-        for lo in range(0, train_idx.size, batch_size):
-            idx = order[0, lo : lo + batch_size]
-            loss, logits = step(X, targets, idx)
-            dyn.record(idx, logits)
-            epoch_loss[e] += loss.detach() * idx.numel()
+        # one Join per epoch: every rank has finished the epoch before the held-out loss is all-reduced
+        with joined(model, step.regularizer):
+            for lo in range(0, train_idx.size, batch_size):
+                idx = order[0, lo : lo + batch_size]
+                loss, logits = step(X, targets, idx)
+                dyn.record(idx, logits)
+                epoch_loss[e] += loss.detach() * idx.numel()
         val = _held_out_loss(module, objective, X, targets, val_idx, dyn)
         dyn.end_epoch(targets, torch.cat([order[0], val_idx]))
         done = e + 1

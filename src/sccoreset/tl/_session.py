@@ -31,6 +31,7 @@ from ..pp._chunks import ChunkReader
 from ..pp._fit import fit_sources
 from ..pp._gene_space import GeneSpace
 from ..pp._scan import scan_sources
+from ..pp._weights import source_weights
 from ._checkpoint import check_same_run, files_fingerprint, read_checkpoint, write_checkpoint
 from ._coreset import build_coreset
 from ._device import resolve_device
@@ -200,7 +201,6 @@ class StreamRun:
         else:
             check_model(model, gene_space.n_genes, n_out)
         self.model = model
-        from ..pp._weights import source_weights  # TODO hoist to the module imports
 
         # order="weighted": per-cell weights balancing weight_key (default: the label key), read from obs only
         self.plan = plan_chunks(
