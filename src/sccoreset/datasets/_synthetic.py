@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import anndata as ad
 import numba
@@ -35,7 +37,24 @@ class SyntheticStream:
     late_type, rare_type
         The type appearing only in the second half of the stream, and the rare type (None if absent).
     label_key
-        obs column holding the type.
+        obs column holding the type (in ``"tahoe"`` mode the main task, ``"cell_line"`` by default).
+    params
+        The generator's parameters (the cache key of the files).
+    label_keys
+        obs columns of every task, ``label_key`` first: ``[label_key]`` in ``"types"`` mode,
+        ``cell_line``, ``drug``, ``moa_broad`` and ``moa_fine`` in ``"tahoe"`` mode.
+    mode
+        ``"types"`` or ``"tahoe"`` (see :func:`synthetic_stream`).
+    classes
+        All classes of every task in ``label_keys``.
+    drug_moa
+        ``"tahoe"`` mode: every drug's ``moa_fine`` and ``moa_broad``.
+    plate_drugs
+        ``"tahoe"`` mode: the drugs on every plate (file), DMSO included.
+    sensitivity
+        ``"tahoe"`` mode: every cell line's mean drug sensitivity (weak responders are well below 1).
+
+    In ``"tahoe"`` mode ``types`` holds the cell lines and ``lineage`` their tissue.
     """
 
     files: list[Path]
@@ -46,6 +65,18 @@ class SyntheticStream:
     rare_type: str | None
     label_key: str = "cell_type"
     params: dict = field(default_factory=dict)
+    label_keys: list[str] = field(default_factory=list)
+    mode: str = "types"
+    classes: dict[str, list[str]] = field(default_factory=dict)
+    drug_moa: dict[str, dict[str, str]] = field(default_factory=dict)
+    plate_drugs: dict[str, list[str]] = field(default_factory=dict)
+    sensitivity: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.label_keys:
+            self.label_keys = [self.label_key]
+        if not self.classes:
+            self.classes = {self.label_key: list(self.types)}
 
 
 def _programs(rng, n_genes, base, n_lineages, subtypes_per_lineage, lineage_strength, subtype_strength):
@@ -171,8 +202,21 @@ def synthetic_stream(
     label_key: str = "cell_type",
     random_state: int = 0,
     overwrite: bool = False,
+    mode: Literal["types", "tahoe"] = "types",
+    **tahoe_options: Any,
 ) -> SyntheticStream:
     """Write a seeded, class-incremental stream of raw-count ``.h5ad`` files and a balanced held-out file.
+
+    ``mode="tahoe"`` writes a Tahoe-100M-like drug perturbation stream instead (cell lines × drugs ×
+    mechanism of action, plates as files; tasks ``cell_line``, ``drug``, ``moa_broad``,
+    ``moa_fine``): see :func:`tahoe_stream`, which receives ``n_files``, ``cells_per_file``,
+    ``n_genes``, ``batch_strength``, ``library_size``, ``dispersion``, ``missing_gene_fraction``,
+    ``random_state``, ``overwrite``, ``label_key`` (when not ``"cell_type"``) and ``tahoe_options``
+    (its other keywords, e.g. ``n_cell_lines``, ``n_drugs``, ``holdout_per_condition``); the
+    options of cell types (``n_lineages``, ``holdout_per_type``, ...) must then keep their defaults.
+    The shared options keep this function's defaults (10 plates, not :func:`tahoe_stream`'s 14).
+
+    The default ``mode="types"`` follows.
 
     Cell types form ``n_lineages`` lineages of ``subtypes_per_lineage`` subtypes: types of a lineage
     share a strong program and differ by a subtle one. Counts are negative binomial around a
@@ -188,8 +232,15 @@ def synthetic_stream(
     -------
     A :class:`SyntheticStream` with the paths and the ground truth.
     """
+    # the mode is not part of the "types" cache key, so that streams written before modes existed are reused
+    params = {k: v for k, v in locals().items() if k not in ("directory", "overwrite", "mode", "tahoe_options")}
+    if mode == "tahoe":
+        return _tahoe_mode(directory, params, overwrite, tahoe_options)
+    if mode != "types":
+        raise ValueError(f"mode must be 'types' or 'tahoe', got {mode!r}")
+    if tahoe_options:
+        raise TypeError(f"synthetic_stream got unexpected keyword arguments {sorted(tahoe_options)}")
     directory = Path(directory)
-    params = {k: v for k, v in locals().items() if k not in ("directory", "overwrite")}
     manifest = directory / "manifest.json"
     if manifest.exists() and not overwrite:
         saved = json.loads(manifest.read_text())
@@ -280,3 +331,29 @@ def synthetic_stream(
     record["holdout"] = str(holdout)
     manifest.write_text(json.dumps(record, indent=1))
     return result
+
+
+_SHARED = (
+    "n_files",
+    "cells_per_file",
+    "n_genes",
+    "batch_strength",
+    "library_size",
+    "dispersion",
+    "missing_gene_fraction",
+    "random_state",
+)
+
+
+def _tahoe_mode(directory, params, overwrite, options):
+    """``synthetic_stream(mode="tahoe")``: forward the shared options to :func:`tahoe_stream`."""
+    from ._tahoe import tahoe_stream
+
+    defaults = {k: p.default for k, p in inspect.signature(synthetic_stream).parameters.items() if k in params}
+    changed = [k for k in params if k not in _SHARED and k != "label_key" and params[k] != defaults[k]]
+    if changed:
+        raise ValueError(f"options of mode='types' given with mode='tahoe': {changed}")
+    kw = {k: params[k] for k in _SHARED}
+    if params["label_key"] != defaults["label_key"]:
+        kw["label_key"] = params["label_key"]
+    return tahoe_stream(directory, **kw, **options, overwrite=overwrite)
