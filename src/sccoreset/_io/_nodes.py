@@ -149,4 +149,4 @@ class SharedIndexes:
             if key not in self._by_digest:
                 self._by_digest[key] = self.get(read_column(node, 0, node.shape[0], what)[0])
             return self._by_digest[key]
-        return self.get(read_column(node, 0, node.shape[0], what)[0])
+        return self.get(read_column(node, 0, column_length(node), what)[0])
