@@ -122,3 +122,11 @@ def test_first_occurrences():
     rows = np.array([5, 6, 5, 5, 7])
     np.testing.assert_array_equal(first_occurrences(files, rows), [0, 1, 2, 4])
     assert first_occurrences(files[:3], rows[:3]) is None
+
+
+def test_gene_space_fitted_on_a_sample_of_cells(small_stream):
+    coreset = scc.tl.stream_train(small_stream.files, small_stream.label_key, gene_space_cells=400, **FAST)
+    n_fit = int(coreset.uns["sccoreset"]["gene_space"]["n_cells"])
+    assert 400 <= n_fit < 1200  # whole blocks until 400 cells, not the 1,200 of the stream
+    full = scc.tl.stream_train(small_stream.files, small_stream.label_key, **FAST)
+    assert int(full.uns["sccoreset"]["gene_space"]["n_cells"]) == 1200

@@ -81,6 +81,12 @@ class StreamConfig:
         None, "Cells ``order='weighted'`` draws in all, with replacement (default: as many as the files hold)."
     )
     n_top_genes: int = _opt(2000, "Highly variable genes to select when the gene space is fitted by the call.")
+    gene_space_cells: int | None = _opt(
+        None,
+        "Cells the call fits the gene space on, drawn in blocks from all files (``pp.fit_gene_space``'s "
+        "``max_cells``, seeded by ``random_state``); None: every cell. On 10^8 cells the full pass takes as long "
+        "as training.",
+    )
     layer: str | None = _opt(None, "Read raw counts from ``layers[layer]`` instead of ``X``.")
     mod: str | None = _opt(None, "Modality to read from MuData inputs.")
     missing_labels: MissingLabels = _opt(
@@ -228,7 +234,7 @@ class StreamConfig:
             _check_int("block_size", self.block_size, low=1)
         if self.n_workers is not None:
             _check_int("n_workers", self.n_workers, low=1)
-        for name in ("n_draws", "step_patience"):
+        for name in ("n_draws", "step_patience", "gene_space_cells"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), low=1)
         _check_int("reference_size", self.reference_size, low=1)

@@ -176,7 +176,12 @@ class StreamRun:
             # under DDP rank 0 fits the gene space and hands it to the others
             if self.rank == 0:
                 gene_space = fit_sources(
-                    self.sources, n_top_genes=cfg.n_top_genes, progress=cfg.progress, n_workers=cfg.n_workers
+                    self.sources,
+                    n_top_genes=cfg.n_top_genes,
+                    progress=cfg.progress,
+                    n_workers=cfg.n_workers,
+                    max_cells=cfg.gene_space_cells,
+                    random_state=cfg.random_state_key() if isinstance(cfg.random_state, int) else 0,
                 )
             gene_space = broadcast_object(gene_space)
         else:
