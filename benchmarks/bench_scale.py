@@ -119,6 +119,9 @@ def timed_run(files, label_key, gs, kw, n_cells):
     res["steady_cells_per_s"] = float(h["n_chunk"][1:].sum() / per_step.sum()) if len(per_step) else float("nan")
     res["steady_train_share"] = float(h["train_seconds"][1:].sum() / per_step.sum()) if len(per_step) else float("nan")
     res["other_share"] = 1 - sum(res[f"{p}_share"] for p in ("wait", "train", "select", "eval"))
+    params = cs.uns["sccoreset"]["params"]
+    res["prepare_seconds"] = float(params["prepare_seconds"])  # scan, checks, model, first CUDA use
+    res["coreset_seconds"] = float(params["coreset_seconds"])  # counts and obs of the kept cells read back
     if cuda:
         res["peak_gpu_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
         res["peak_gpu_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
@@ -138,6 +141,9 @@ def report(res):
     ):  # fmt: skip
         print(f"  {what + ':':<28} {res[f'{part}_seconds']:8.1f} s = {100 * res[f'{part}_share']:5.1f}% of wall time")
     print(f"  other (scan, final epochs, coreset):  {100 * res['other_share']:5.1f}% of wall time")
+    print(
+        f"    of which preparation {res['prepare_seconds']:.1f} s, building the coreset {res['coreset_seconds']:.1f} s"
+    )
     print(f"  first chunk's wait:          {res['first_wait_seconds']:.2f} s")
     life = " (process lifetime: could not reset)" if res["peak_rss_is_process_lifetime"] else ""
     print(

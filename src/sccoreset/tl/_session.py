@@ -218,11 +218,13 @@ class StreamRun:
             model.load_state_dict(saved["model"])
             self.plan = [[tuple(seg) for seg in chunk] for chunk in saved["plan"]]
             self.events = list(saved["events"])
+        self.prepare_seconds = None
         self.loop = StreamLoop(
             model, cfg, n_classes=self.budget.n_classes, task_sizes=[len(t) for t in self.tasks],
             device=self.device, eval_set=eval_set, rng=rng,
             resume=None if saved is None else saved["engine"],
         )  # fmt: skip
+        self.prepare_seconds = time.perf_counter() - self.t_start
 
     def params(self) -> dict[str, str]:
         """What a resume must match: the compared options and the number of ranks."""
@@ -291,9 +293,10 @@ class StreamRun:
             raise InputError("the stream yielded no chunk: there is no coreset to build.")
         params = {
             **self.cfg.to_uns(), "device": str(self.device), "world_size": self.world,
-            "wall_seconds": time.perf_counter() - self.t_start,
+            "wall_seconds": time.perf_counter() - self.t_start, "prepare_seconds": self.prepare_seconds,
         }  # fmt: skip
-        return build_coreset(
+        t0 = time.perf_counter()
+        adata = build_coreset(
             self.sources, self.loop.buffer,
             History.from_events(self.events, self.budget.n_classes, self.label_keys if len(self.tasks) > 1 else None),
             gene_space=self.gene_space, classes=self.classes, label_key=self.label_key, model=self.model,
@@ -301,6 +304,8 @@ class StreamRun:
             spec=self.spec, params=params, key_added=self.cfg.key_added, class_totals=self.loop.seen_counts,
             genes=self.cfg.genes,
         )  # fmt: skip
+        adata.uns[self.cfg.key_added]["params"]["coreset_seconds"] = time.perf_counter() - t0
+        return adata
 
 
 def describe(event: StepEvent) -> str:
