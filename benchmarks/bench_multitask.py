@@ -46,6 +46,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="10 plates x 2,000 cells, for a smoke run")
     p.add_argument("--budget-key", nargs="*", default=None, help="budget_key of the streaming run(s)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--set", nargs="*", metavar="OPTION=VALUE", help="other stream_train options, e.g. final_epochs=10")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     n_files, per_file = (10, 2000) if args.quick else (10, 10_000)
@@ -58,7 +59,16 @@ def main():
     print(f"stream: {n_files} plates x {per_file:,} cells, tasks {keys} (generated/cached in {time.perf_counter() - t0:.1f} s)")
     gs = scc.pp.fit_gene_space(files, n_top_genes=2000)
     n_cells = n_files * per_file
-    cfg = scc.tl.StreamConfig(buffer_size=n_cells // 100, chunk_size=min(10_000, n_cells // 10), device=args.device)
+    extra = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value
+    cfg = scc.tl.StreamConfig(
+        buffer_size=n_cells // 100, chunk_size=min(10_000, n_cells // 10), device=args.device, **extra
+    )
     results = {}
 
     # offline bound: same heads, all cells in memory, epochs_per_step epochs over every cell
@@ -91,7 +101,9 @@ def main():
             files, keys, gene_space=gs, eval_data=str(stream.holdout), config=cfg, budget_key=budget, progress=False
         )
         final = cs.uns["sccoreset"]["history"]["final"]["tasks"]
-        name = "stream (budget " + (" x ".join(budget) if budget else keys[0]) + ")"
+        name = "stream (budget " + (" x ".join(budget) if budget else keys[0]) + ")" + (
+            " " + " ".join(args.set) if args.set else ""
+        )
         results[name] = {k: float(final[k]["macro_f1"]) for k in keys}
         results[name]["seconds"] = time.perf_counter() - t
 
