@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         "group, stream_train trains data-parallel, and rank 0 writes --out.",
     )
     train.add_argument("files", nargs="+", metavar="FILE", help="training files (.h5ad, .h5mu, .zarr), in stream order")
-    train.add_argument("--label-key", required=True, help="obs column with the labels to learn")
+    train.add_argument(
+        "--label-key", required=True, nargs="+", metavar="KEY",
+        help="obs column with the labels to learn; several columns train one head per task",
+    )  # fmt: skip
     train.add_argument("--out", required=True, type=Path, help="where to write the coreset (.h5ad)")
     train.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     train.add_argument(
@@ -150,7 +153,7 @@ def _train(ns: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         coreset = stream_train(
             [str(f) for f in ns.files],
-            ns.label_key,
+            ns.label_key[0] if len(ns.label_key) == 1 else ns.label_key,
             gene_space=gene_space,
             classes=ns.classes,
             eval_data=None if ns.eval_data is None else [str(f) for f in ns.eval_data],

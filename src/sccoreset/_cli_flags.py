@@ -32,6 +32,9 @@ def _flag_kwargs(hint: Any) -> dict[str, Any]:
         base = args[0] if args and args[0] in (int, float) else str
         return {"type": base, "nargs": "+"} | ({"metavar": "N" if base is int else "X"} if base is not str else {})
     if origin in (typing.Union, types.UnionType):
+        tuples = [a for a in args if get_origin(a) is tuple]
+        if tuples:  # e.g. budget_key: tuple[str, ...] | None
+            return _flag_kwargs(tuples[0])
         simple = [a for a in args if a in (int, float, str)]
         base = simple[0] if simple else str
         if type(None) in args and base is not str:
