@@ -130,3 +130,25 @@ def test_gene_space_fitted_on_a_sample_of_cells(small_stream):
     assert 400 <= n_fit < 1200  # whole blocks until 400 cells, not the 1,200 of the stream
     full = scc.tl.stream_train(small_stream.files, small_stream.label_key, **FAST)
     assert int(full.uns["sccoreset"]["gene_space"]["n_cells"]) == 1200
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("regularizer", "l2", "regularizer must be one of"),
+        ("genes", "some", "genes must be one of"),
+        ("step_val_fraction", 0.9, r"step_val_fraction must be in \(0.0, 0.5\]"),
+        ("step_patience", 0, "step_patience must be positive"),
+        ("ewc_decay", 1.5, "ewc_decay must be in"),
+        ("budget_key", [], "budget_key must be an obs key or a sequence of obs keys"),
+        ("n_draws", -1, "n_draws must be positive"),
+    ],
+)
+def test_new_options_are_checked(option, value, message):
+    with pytest.raises(InputError, match=message):
+        scc.tl.StreamConfig(**{option: value})
+
+
+def test_a_missing_task_column_is_named(small_stream):
+    with pytest.raises(InputError, match="obs has no column 'nope'"):
+        scc.tl.stream_train(small_stream.files, ["cell_type", "nope"], **FAST)
