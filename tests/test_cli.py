@@ -74,12 +74,12 @@ def test_flags_reach_options():
     got = parse_train(
         "--hidden", "64", "32", "--max-chunk-fraction", "none", "--random-state", "7", "--no-balance-loss",
         "--rule", "top", "--block-size", "None", "--score-decay", "0.5", "--resume", "--checkpoint-dir", "ck",
-        "--lr", "0.01", "--order", "block_shuffle", "--budget-key", "cell_line", "drug", "--regularizer", "ewc",
+        "--lr", "0.01", "--order", "block_shuffle", "--budget-key", "cell_line,drug", "--regularizer", "ewc", "--weight-key", "none",
     )  # fmt: skip
     assert got == {
         "hidden": (64, 32), "max_chunk_fraction": None, "random_state": 7, "balance_loss": False, "rule": "top",
         "block_size": None, "score_decay": 0.5, "resume": True, "checkpoint_dir": "ck", "lr": 0.01,
-        "order": "block_shuffle", "budget_key": ("cell_line", "drug"), "regularizer": "ewc",
+        "order": "block_shuffle", "budget_key": ("cell_line", "drug"), "regularizer": "ewc", "weight_key": None,
     }  # fmt: skip
     cfg = StreamConfig.from_options(**got)
     assert cfg.hidden == (64, 32) and cfg.max_chunk_fraction is None and not cfg.balance_loss
@@ -238,3 +238,12 @@ def test_torchrun_two_processes(stream, tmp_path):
     assert "on 2 processes" in r.stdout and r.stdout.count("wrote") == 1
     assert ad.read_h5ad(out).n_obs == 40
     assert [p.name for p in tmp_path.iterdir()] == ["c.h5ad"]
+
+
+def test_key_lists_are_comma_separated_and_leave_the_files_alone():
+    ns = build_parser().parse_args(
+        ["train", "--label-key", "cell_line,drug", "--budget-key", "drug", "a.h5ad", "b.h5ad", "--out", "o.h5ad"]
+    )
+    assert ns.label_key == ["cell_line", "drug"]
+    assert [str(f) for f in ns.files] == ["a.h5ad", "b.h5ad"]
+    assert config_options(ns)["budget_key"] == ("drug",)

@@ -78,10 +78,13 @@ def test_torchrun_two_ranks_share_the_reading_and_agree(stream, tmp_path):
     assert abs(results[0]["f1"] - f1_single) <= 0.02, (results[0]["f1"], f1_single)
 
 
-@pytest.mark.parametrize("options", [{"regularizer": "agem", "step_patience": 1}, {"regularizer": "ewc"}])
+@pytest.mark.parametrize(
+    "options", [{"regularizer": "agem", "step_patience": 1}, {"regularizer": "ewc"}, {"chunk_size": 1199}]
+)
 def test_torchrun_eager_options_agree_across_ranks(stream, tmp_path, options):
-    """A-GEM (an all-reduce per minibatch), EWC and within-step early stopping (an all-reduce per epoch) under
-    two ranks with uneven shares: no hang, and both ranks end with the same coreset."""
+    """Two tasks; A-GEM (an all-reduce per minibatch), EWC and within-step early stopping (an all-reduce per
+    epoch) under two ranks with uneven shares, and a last chunk of one cell (one rank reads nothing): no hang,
+    and both ranks end with the same coreset."""
     files = [str(f) for f in stream.files[:2]]
     kw = {**KW, "chunk_size": 301, "epochs_per_step": 3, "final_epochs": 1, "n_top_genes": 100, **options}
     script = tmp_path / "ddp_opts.py"
@@ -91,7 +94,7 @@ def test_torchrun_eager_options_agree_across_ranks(stream, tmp_path, options):
             import json, torch.distributed as dist
             import sccoreset as scc
             dist.init_process_group("gloo")
-            cs = scc.tl.stream_train({json.dumps(files)}, {stream.label_key!r}, **{kw!r})
+            cs = scc.tl.stream_train({json.dumps(files)}, [{stream.label_key!r}, "lineage"], **{kw!r})
             with open({str(tmp_path)!r} + f"/rank{{dist.get_rank()}}.json", "w") as fh:
                 json.dump(list(map(str, cs.obs_names)), fh)
             dist.destroy_process_group()

@@ -70,13 +70,14 @@ def test_objective_sums_tasks_and_matches_cross_entropy():
     torch.testing.assert_close(obj(logits, targets, w), weighted)
 
 
-def test_stratified_holdout_keeps_classes_on_both_sides():
-    strata = np.repeat(np.arange(5), [2, 3, 10, 40, 1])
+def test_stratified_holdout_takes_a_fraction_of_every_class_and_spares_rare_ones():
+    sizes = [2, 3, 10, 40, 1]
+    strata = np.repeat(np.arange(5), sizes)
     held = stratified_holdout(strata, 0.2, torch.Generator().manual_seed(0))
-    for c, n in zip(range(5), [2, 3, 10, 40, 1], strict=True):
-        k = held[strata == c].sum()
-        assert (k == 0) if n == 1 else (1 <= k <= n - 1)
-    assert held[strata == 3].sum() == 8
+    assert [int(held[strata == c].sum()) for c in range(5)] == [0, 1, 2, 8, 0]
+    many_small = np.repeat(np.arange(60), [2] * 50 + [3] * 5 + [100] * 5)
+    held = stratified_holdout(many_small, 0.1, torch.Generator().manual_seed(0))
+    assert held.sum() == 50 and not held[many_small < 55].any()  # only the large classes give cells
 
 
 def test_early_stopping_restores_the_best_weights(monkeypatch):
@@ -152,3 +153,33 @@ def test_new_options_are_checked(option, value, message):
 def test_a_missing_task_column_is_named(small_stream):
     with pytest.raises(InputError, match="obs has no column 'nope'"):
         scc.tl.stream_train(small_stream.files, ["cell_type", "nope"], **FAST)
+
+
+@pytest.mark.parametrize("options", [{"regularizer": "ewc"}, {"regularizer": "agem", "step_patience": 1}])
+def test_interrupted_multitask_run_with_a_guard_resumes_exactly(small_stream, tmp_path, options):
+    keys = ["cell_type", "lineage"]
+    kw = {**FAST, "chunk_size": 200, **options}
+    whole = scc.tl.stream_train(small_stream.files, keys, checkpoint_dir=tmp_path / "a", **kw)
+    with scc.tl.stream_events(small_stream.files, keys, checkpoint_dir=tmp_path / "b", **kw) as events:
+        for _, _ in zip(range(3), events, strict=False):
+            pass  # stopped after 3 of 6 steps; the checkpoint holds the regularizer's state
+    resumed = scc.tl.stream_train(small_stream.files, keys, checkpoint_dir=tmp_path / "b", resume=True, **kw)
+    assert list(resumed.obs_names) == list(whole.obs_names)
+    np.testing.assert_array_equal(resumed.X, whole.X)
+    for key in keys:
+        assert list(resumed.obs[key]) == list(whole.obs[key])
+
+
+def test_weighted_order_weights_stand_for_the_files_cells(small_stream):
+    coreset = scc.tl.stream_train(small_stream.files, "cell_type", order="weighted", n_draws=3000, **FAST)
+    truth = pd.concat([ad.read_h5ad(f).obs for f in small_stream.files])["cell_type"].astype(str).value_counts()
+    got = coreset.obs.groupby(coreset.obs["cell_type"].astype(str))["sccoreset_weight"].sum()
+    # 3,000 draws with replacement from 1,200 cells: the weights still count each file cell once
+    np.testing.assert_allclose(got.reindex(truth.index).fillna(0).to_numpy(), truth.to_numpy())
+
+
+def test_min_per_class_counts_only_combinations_the_files_hold(small_stream):
+    keys = ["cell_type", "lineage"]
+    # every type has one lineage: 12 x 4 possible combinations, 12 present; 12 x 4 cells fit a buffer of 60
+    coreset = scc.tl.stream_train(small_stream.files, keys, budget_key=keys, min_per_class=4, **FAST)
+    assert coreset.n_obs == 60

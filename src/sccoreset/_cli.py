@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("files", nargs="+", metavar="FILE", help="training files (.h5ad, .h5mu, .zarr), in stream order")
     train.add_argument(
-        "--label-key", required=True, nargs="+", metavar="KEY",
-        help="obs column with the labels to learn; several columns train one head per task",
+        "--label-key", required=True, metavar="KEY[,KEY...]", type=lambda text: text.split(","),
+        help="obs column with the labels to learn; several, comma-separated, train one head per task",
     )  # fmt: skip
     train.add_argument("--out", required=True, type=Path, help="where to write the coreset (.h5ad)")
     train.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -33,8 +33,8 @@ def _flag_kwargs(hint: Any) -> dict[str, Any]:
         return {"type": base, "nargs": "+"} | ({"metavar": "N" if base is int else "X"} if base is not str else {})
     if origin in (typing.Union, types.UnionType):
         tuples = [a for a in args if get_origin(a) is tuple]
-        if tuples:  # e.g. budget_key: tuple[str, ...] | None
-            return _flag_kwargs(tuples[0])
+        if tuples:  # obs keys (budget_key: tuple[str, ...] | None): comma-separated, so files after them stay files
+            return {"type": _keys, "metavar": "KEY[,KEY...]"}
         simple = [a for a in args if a in (int, float, str)]
         base = simple[0] if simple else str
         if type(None) in args and base is not str:
@@ -43,6 +43,11 @@ def _flag_kwargs(hint: Any) -> dict[str, Any]:
     if hint in (int, float):
         return {"type": hint, "metavar": "N" if hint is int else "X"}
     return {"type": str}
+
+
+def _keys(text: str) -> tuple[str, ...] | None:
+    """Comma-separated obs keys; ``none`` (any case) gives None."""
+    return None if text.lower() == "none" else tuple(text.split(","))
 
 
 def _show_default(value: Any) -> str:

@@ -117,7 +117,7 @@ class StreamConfig:
     )
     step_min_delta: float = _opt(0.0, "Smallest held-out loss improvement that counts, for ``step_patience``.")
     step_val_fraction: float = _opt(
-        0.1, "Fraction of the merged set held out for ``step_patience`` (at least one cell per class where possible)."
+        0.1, "Fraction of every class of the merged set held out for ``step_patience`` (rounded: rare classes give none)."
     )
     regularizer: Regularizer = _opt(
         "none",

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -351,7 +352,8 @@ class OnlineEWC(Regularizer):
         super().load_state_dict(state)
         self.steps = int(state["steps"])
         self.names = list(state["names"])
-        fisher, anchor = list(state["fisher"]), list(state["anchor"])
+        fisher = [torch.as_tensor(np.asarray(f)) if not torch.is_tensor(f) else f for f in state["fisher"]]
+        anchor = [torch.as_tensor(np.asarray(a)) if not torch.is_tensor(a) else a for a in state["anchor"]]
         if not fisher:
             self.fisher = self.anchor = None
             return

@@ -177,15 +177,18 @@ def _epochs(step, X, targets, orders, epoch_loss, dyn, batch_size):
 
 
 def stratified_holdout(strata: np.ndarray, fraction: float, generator: torch.Generator) -> np.ndarray:
-    """A boolean mask holding out ``fraction`` of every stratum (at least one cell of strata with 2 or more)."""
+    """A boolean mask holding out ``fraction`` of every stratum, rounded (a stratum keeps at least one cell).
+
+    A stratum smaller than ``1 / (2 * fraction)`` cells gives none: rare classes keep all their cells for
+    training.
+    """
     n = strata.size
     perm = torch.randperm(n, generator=generator).numpy()
     held = np.zeros(n, dtype=bool)
     ranked = perm[np.argsort(strata[perm], kind="stable")]  # shuffled within each stratum
     _, starts, counts = np.unique(strata[ranked], return_index=True, return_counts=True)
     for start, count in zip(starts, counts, strict=True):
-        k = round(float(fraction) * int(count))
-        k = min(max(k, 1), count - 1) if count >= 2 else 0
+        k = min(round(float(fraction) * int(count)), int(count) - 1)
         held[ranked[start : start + k]] = True
     return held
 

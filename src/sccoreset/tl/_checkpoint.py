@@ -19,11 +19,11 @@ from .._errors import InputError
 from .._io._sources import Source
 
 CHECKPOINT_NAME = "sccoreset_checkpoint.pt"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: buffer targets, tasks, regularizer state
 _STRINGS = "__strings__"
 _TUPLE = "__tuple__"
 # subtrees that stay torch tensors when read back (the rest become numpy arrays again)
-_TORCH_KEYS = ("model", "optimizer", "generator", "torch_rng", "cuda_rng")
+_TORCH_KEYS = ("model", "optimizer", "generator", "torch_rng", "cuda_rng", "regularizer")
 
 
 def files_fingerprint(sources: Sequence[Source]) -> list[dict[str, Any]]:

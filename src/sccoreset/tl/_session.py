@@ -162,9 +162,15 @@ class StreamRun:
                 raise InputError(f"obs[{key!r}]: need at least 2 classes to train, found {self.tasks[-1]}.")
         self.budget = Budget(cfg.budget_key or self.label_keys[:1], self.label_keys, self.tasks)
         self.classes = self.tasks[0]
-        if cfg.min_per_class * self.budget.n_classes > cfg.buffer_size:
+        combos = len(self.budget.keys) > 1
+        # the files' cells per budget class: the coreset's weights under order="weighted" (draws repeat cells)
+        self.file_totals = self._budget_totals() if cfg.order == "weighted" or (combos and cfg.min_per_class) else None
+        n_budget = self.budget.n_classes
+        if combos and self.file_totals is not None:  # only the combinations the files hold need a floor
+            n_budget = int((self.file_totals > 0).sum())
+        if cfg.min_per_class * n_budget > cfg.buffer_size:
             raise InputError(
-                f"buffer_size ({cfg.buffer_size}) is smaller than the number of classes ({self.budget.n_classes}) "
+                f"buffer_size ({cfg.buffer_size}) is smaller than the number of classes ({n_budget}) "
                 f"times min_per_class ({cfg.min_per_class})."
             )
         self.rank, self.world = rank_world()
@@ -226,6 +232,17 @@ class StreamRun:
         )  # fmt: skip
         self.prepare_seconds = time.perf_counter() - self.t_start
 
+    def _budget_totals(self) -> np.ndarray:
+        """Cells of every budget class in the files (obs only; cells missing any label are left out, as in training)."""
+        totals = np.zeros(self.budget.n_classes, dtype=np.int64)
+        lookups = [pd.Index(t) for t in self.tasks]
+        for src in self.sources:
+            cols = [src.read_labels(key) for key in self.label_keys]
+            missing = np.logical_or.reduce([m for _, m in cols])
+            targets = np.stack([lk.get_indexer(v[~missing]) for lk, (v, _) in zip(lookups, cols, strict=True)], 1)
+            totals += np.bincount(self.budget.codes(targets), minlength=self.budget.n_classes)
+        return totals
+
     def params(self) -> dict[str, str]:
         """What a resume must match: the compared options and the number of ranks."""
         return {**self.cfg.comparable(), "world_size": repr(self.world)}
@@ -253,9 +270,10 @@ class StreamRun:
         lookups = [pd.Index(t) for t in self.tasks]
         plan = shard_plan(self.plan, self.rank, self.world) if self.world > 1 else self.plan
         for chunk in self.reader.iterate(plan, start=self.loop.step, prefetch=self.cfg.prefetch):
-            targets = np.empty((len(chunk.labels), len(lookups)), dtype=np.int64)
+            labels = np.asarray(chunk.labels, dtype=object).reshape(-1, len(lookups))  # a rank's share may be empty
+            targets = np.empty(labels.shape, dtype=np.int64)
             for t, lookup in enumerate(lookups):  # every label is in the scanned set
-                targets[:, t] = lookup.get_indexer(chunk.labels[:, t])
+                targets[:, t] = lookup.get_indexer(labels[:, t])
             prov = {"file": chunk.file_index.astype(np.int64), "row": chunk.row}
             yield ChunkData(chunk.index, chunk.X, self.budget.codes(targets), prov,
                             n_skipped=int(getattr(chunk, "n_skipped", 0)), targets=targets)  # fmt: skip
@@ -296,12 +314,14 @@ class StreamRun:
             "wall_seconds": time.perf_counter() - self.t_start, "prepare_seconds": self.prepare_seconds,
         }  # fmt: skip
         t0 = time.perf_counter()
+        # the stream's cells per budget class; under order="weighted" (draws repeat cells) the files'
+        totals = self.file_totals if self.cfg.order == "weighted" else self.loop.seen_counts
         adata = build_coreset(
             self.sources, self.loop.buffer,
             History.from_events(self.events, self.budget.n_classes, self.label_keys if len(self.tasks) > 1 else None),
             gene_space=self.gene_space, classes=self.classes, label_key=self.label_key, model=self.model,
             tasks=dict(zip(self.label_keys, self.tasks, strict=True)), budget=self.budget,
-            spec=self.spec, params=params, key_added=self.cfg.key_added, class_totals=self.loop.seen_counts,
+            spec=self.spec, params=params, key_added=self.cfg.key_added, class_totals=totals,
             genes=self.cfg.genes,
         )  # fmt: skip
         adata.uns[self.cfg.key_added]["params"]["coreset_seconds"] = time.perf_counter() - t0
