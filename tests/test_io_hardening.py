@@ -321,9 +321,7 @@ def test_open_sources_closes_on_error(data):
 
 def test_indexes_stored_as_nullable_strings(tmp_path, rng):
     """anndata 0.12 under pandas' string dtype writes obs/var names as nullable string groups: read them."""
-    import h5py
-
-    from tests.conftest import random_counts
+    from .conftest import random_counts
 
     if not hasattr(ad.settings, "allow_write_nullable_strings"):
         pytest.skip("this anndata cannot write nullable string columns")
