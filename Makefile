@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
+# pytest -n 2 runs two torch processes on 2 cores: spinning OpenMP threads would wait on each other
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup test test-min demo bench docs lint clean
 

@@ -45,5 +45,5 @@ fi
 echo "min_versions: installed $(date +%s | awk -v s="$start" '{print $1 - s}') s after start:"
 "$VENV/bin/python" -m pip list 2>/dev/null | grep -iE '^(anndata|h5py|matplotlib|mudata|numba|numpy|pandas|scanpy|scipy|session.info|torch|tqdm) ' | tr -s ' ' | paste -sd ' '
 
-"$VENV/bin/python" -m pytest -n 2 -p no:cacheprovider tests
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}" "$VENV/bin/python" -m pytest -n 2 -p no:cacheprovider tests
 echo "min_versions: done in $(date +%s | awk -v s="$start" '{print $1 - s}') s"

@@ -109,3 +109,31 @@ def test_multitask_errors(two_task_stream):
     model = torch.nn.Linear(100, 3)
     with pytest.raises(InputError, match="over all tasks"):
         scc.tl.stream_train(files, ["cell_type", "lineage"], model=model, **FAST)
+
+
+def test_validation_augmenter_scores_each_task_on_its_own_head(two_task_stream):
+    files, holdout = two_task_stream
+    gs = scc.pp.fit_gene_space(files, n_top_genes=100)
+    h = ad.read_h5ad(holdout)
+    X = gs.transform(h.X, h.var_names, source="holdout")
+    kw = {k: v for k, v in FAST.items() if k != "n_top_genes"}
+    with scc.tl.stream_events(files, ["cell_type", "lineage"], gene_space=gs, eval_data=holdout, **kw) as ev:
+        lineages = pd.Index(ev.run.tasks[1])
+        types = pd.Index(ev.run.tasks[0])
+        y_lin = lineages.get_indexer(h.obs["lineage"].astype(str))
+        both = np.stack([types.get_indexer(h.obs["cell_type"].astype(str)), y_lin], 1)
+        stages = [
+            scc.stream.augment(scc.stream.validation(X, y_lin, task="lineage", prefix="lin_")),
+            scc.stream.augment(scc.stream.validation(X, both)),
+            scc.stream.take(2),
+        ]
+        events = scc.stream.collect(scc.stream.pipe(ev, *stages))
+        model = ev.model
+    for e in events:
+        # the same figures as the run's own evaluation, task by task
+        assert e["lin_macro_f1"] == pytest.approx(e["task_metrics"][1]["macro_f1"])
+        assert len(e["lin_f1"]) == len(lineages)
+        assert e["val_macro_f1"] == pytest.approx(e["task_metrics"][0]["macro_f1"])
+        assert e["val_lineage_macro_f1"] == pytest.approx(e["lin_macro_f1"])
+    with pytest.raises(InputError, match="not one of the run's tasks"):
+        scc.stream.validation(X, y_lin, task="donor")({**events[0], "model": model})

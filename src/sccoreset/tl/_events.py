@@ -19,7 +19,8 @@ class EventStream:
     """The events of one run, in order; :meth:`coreset` builds the coreset from the buffer at any point.
 
     Iterating yields one dict per step (the keys of :class:`~sccoreset._engine._events.StepEvent`, plus
-    ``"model"``, a reference to the model being trained), then the final consolidation's (``step="final"``).
+    ``"model"``, a reference to the model being trained, and ``"label_keys"``, ``"task_sizes"`` and ``"classes"``
+    (of the first task), which say how to read its outputs), then the final consolidation's (``step="final"``).
     With ``epochs=True`` every step event is preceded by one event per epoch of that step
     (``kind="epoch"``, ``step``, ``epoch``, ``train_loss``), emitted once the step's training is over.
     The files stay open until :meth:`close` (or the end of a ``with`` block).
@@ -35,6 +36,12 @@ class EventStream:
         except BaseException:
             self._stack.close()
             raise
+        # what an augmenter needs to read the model's outputs: the tasks, their classes, their logit blocks
+        self._run_info = {
+            "label_keys": list(self.run.label_keys),
+            "task_sizes": [len(t) for t in self.run.tasks],
+            "classes": list(self.run.classes),
+        }
         self._events = self._generate()
         self.finished = False
 
@@ -46,7 +53,7 @@ class EventStream:
                         "kind": "epoch", "step": event["step"], "epoch": e, "train_loss": float(loss),
                         "model": self.run.model,
                     }  # fmt: skip
-            yield {**event, "model": self.run.model}
+            yield {**event, "model": self.run.model, **self._run_info}
         self.finished = True
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
