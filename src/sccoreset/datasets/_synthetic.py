@@ -79,6 +79,17 @@ class SyntheticStream:
             self.classes = {self.label_key: list(self.types)}
 
 
+def write_file(path, X, obs, genes, rng, missing_gene_fraction: float, drop_genes: bool) -> None:
+    """Write one generated file; with ``drop_genes`` its genes are shuffled and ``missing_gene_fraction`` of them left out."""
+    var_idx = np.arange(len(genes))
+    if drop_genes:
+        keep = rng.random(len(genes)) >= missing_gene_fraction
+        var_idx = rng.permutation(np.flatnonzero(keep))
+    var = pd.DataFrame(index=genes[var_idx])
+    adata = ad.AnnData(X=X[:, var_idx], obs=h5ad_safe_strings(obs), var=h5ad_safe_strings(var))
+    adata.write_h5ad(path)
+
+
 def _programs(rng, n_genes, base, n_lineages, subtypes_per_lineage, lineage_strength, subtype_strength):
     """Log fold changes (n_types, n_genes): shared lineage programs plus subtle subtype programs."""
     # markers come from moderately to highly expressed genes, as real marker genes do
@@ -297,13 +308,7 @@ def synthetic_stream(
             },
             index=[f"{file_tag}_cell{i:06d}" for i in range(n)],
         )
-        var_idx = np.arange(n_genes)
-        if drop_genes:
-            keep = rng.random(n_genes) >= missing_gene_fraction
-            var_idx = rng.permutation(np.flatnonzero(keep))
-        var = pd.DataFrame(index=genes[var_idx])
-        adata = ad.AnnData(X=X[:, var_idx], obs=h5ad_safe_strings(obs), var=h5ad_safe_strings(var))
-        adata.write_h5ad(path)
+        write_file(path, X, obs, genes, rng, missing_gene_fraction, drop_genes)
 
     files = []
     for f in range(n_files):

@@ -7,13 +7,11 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils import h5ad_safe_strings
-from ._synthetic import SyntheticStream, _sample_counts
+from ._synthetic import SyntheticStream, _sample_counts, write_file
 
 TAHOE_LABEL_KEYS = ["cell_line", "drug", "moa_broad", "moa_fine"]
 CONTROL_DRUG = "DMSO"
@@ -281,13 +279,7 @@ def tahoe_stream(
             },
             index=[f"{file_tag}_cell{i:06d}" for i in range(n)],
         )
-        var_idx = np.arange(n_genes)
-        if drop_genes:
-            keep = rng.random(n_genes) >= missing_gene_fraction
-            var_idx = rng.permutation(np.flatnonzero(keep))
-        var = pd.DataFrame(index=genes[var_idx])
-        adata = ad.AnnData(X=X[:, var_idx], obs=h5ad_safe_strings(obs), var=h5ad_safe_strings(var))
-        adata.write_h5ad(path)
+        write_file(path, X, obs, genes, rng, missing_gene_fraction, drop_genes)
 
     files = []
     for f in range(n_files):
