@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ._dynamics import Dynamics
-from ._objective import Objective
+from ._objective import Objective, replay_loss
 from ._train import host_orders, to_device
 
 
@@ -53,9 +53,7 @@ class GraphedTrainer:
         logits = self.model(xb)
         loss = self.objective(logits, yb, self.w)
         if self.distill > 0:
-            mb = self.buf_weight[idx]
-            sq = (logits.float() - self.stored[idx]).square().sum(1)
-            loss = loss + self.distill * (sq * mb).sum() / (mb.sum() * logits.shape[1]).clamp_min(1.0)
+            loss = loss + self.distill * replay_loss(logits, self.stored[idx], self.buf_weight[idx])
         return loss, logits
 
     def _step(self, idx: torch.Tensor, *, full: bool = True) -> None:

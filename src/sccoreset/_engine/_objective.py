@@ -33,6 +33,15 @@ def as_targets(y: np.ndarray | torch.Tensor):
     return y[:, None] if y.ndim == 1 else y
 
 
+def replay_loss(logits: torch.Tensor, stored: torch.Tensor, buf_weight: torch.Tensor) -> torch.Tensor:
+    """Dark experience replay: mean squared error of the buffer cells' logits to the logits stored with them.
+
+    ``buf_weight`` is 1 for buffer cells and 0 for the chunk's; the mean runs over buffer cells and logits.
+    """
+    sq = (logits.float() - stored).square().sum(1)
+    return (sq * buf_weight).sum() / (buf_weight.sum() * logits.shape[1]).clamp_min(1.0)
+
+
 class Objective:
     """Weighted cross-entropy per task (or the user's loss), summed over tasks.
 

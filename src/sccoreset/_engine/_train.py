@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ._dynamics import Dynamics
-from ._objective import Objective, as_targets, class_weights  # noqa: F401 (class_weights: re-exported)
+from ._objective import Objective, as_targets, replay_loss
 
 _TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
@@ -148,9 +148,7 @@ class _Step:
         logits = self.model(xb)
         loss = self.objective(logits, yb, self.w)
         if self.distill > 0:
-            mb = self.buf_weight[idx]
-            sq = (logits.float() - self.stored_logits[idx]).square().sum(1)
-            loss = loss + self.distill * (sq * mb).sum() / (mb.sum() * logits.shape[1]).clamp_min(1.0)
+            loss = loss + self.distill * replay_loss(logits, self.stored_logits[idx], self.buf_weight[idx])
         reg = self.regularizer
         if reg is not None:
             extra = reg.penalty(self.module)
