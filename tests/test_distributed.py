@@ -25,6 +25,15 @@ def stream(tmp_path_factory):
     )  # fmt: skip
 
 
+def torchrun_two_ranks(script) -> None:
+    """Run ``script`` under ``torchrun --nproc_per_node=2`` (gloo on CPU); it must exit cleanly."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_shards_are_disjoint_and_cover_the_chunk():
     chunk = [(0, 10, 25), (2, 0, 7), (1, 3, 4)]
     rows = [(f, r) for f, a, b in chunk for r in range(a, b)]
@@ -61,11 +70,7 @@ def test_torchrun_two_ranks_share_the_reading_and_agree(stream, tmp_path):
             """
         )
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_two_ranks(script)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["rank"] for r in results] == [0, 1]
     total = results[0]["n_chunk"]
@@ -101,10 +106,6 @@ def test_torchrun_eager_options_agree_across_ranks(stream, tmp_path, options):
             """
         )
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_two_ranks(script)
     obs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert obs[0] == obs[1] and len(obs[0]) == KW["buffer_size"]

@@ -15,16 +15,9 @@ FAST = dict(chunk_size=300, buffer_size=60, epochs_per_step=2, final_epochs=1, p
 
 
 @pytest.fixture(scope="module")
-def two_task_stream(small_stream, tmp_path_factory):
-    """The small stream with a second task: the lineage of each cell type (and a holdout)."""
-    d = tmp_path_factory.mktemp("two_task")
-    out = []
-    for f in [*small_stream.files, small_stream.holdout]:
-        a = ad.read_h5ad(f)
-        a.obs["lineage"] = pd.Categorical(a.obs["cell_type"].astype(str).map(small_stream.lineage))
-        a.write_h5ad(d / f.name)
-        out.append(d / f.name)
-    return out[:-1], out[-1]
+def two_task_stream(small_stream):
+    """The small stream's files and holdout: obs holds a second task, the lineage of each cell type."""
+    return small_stream.files, small_stream.holdout
 
 
 def test_two_tasks_train_predict_and_record(two_task_stream):
@@ -88,9 +81,7 @@ def test_budget_over_a_combination_of_keys(two_task_stream, tmp_path):
 def test_linear_heads_and_given_classes(two_task_stream):
     files, _ = two_task_stream
     lineages = sorted(set(pd.concat([ad.read_h5ad(f).obs for f in files])["lineage"].astype(str))) + ["Unseen"]
-    coreset = scc.tl.stream_train(
-        files, ["cell_type", "lineage"], hidden=(), classes={"lineage": lineages}, **FAST
-    )
+    coreset = scc.tl.stream_train(files, ["cell_type", "lineage"], hidden=(), classes={"lineage": lineages}, **FAST)
     assert list(coreset.uns["sccoreset"]["tasks"]["lineage"]) == lineages
     weights = coreset.uns["sccoreset"]["model"]["weights"]
     # hidden=(): one linear layer, whose rows are the heads of both tasks
