@@ -20,11 +20,13 @@ over the classes present in the held-out labels (as ``sccoreset._engine._metrics
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,31 +42,28 @@ from avalanche.training.storage_policy import ClassBalancedBuffer  # noqa: E402
 STRATEGIES = ("naive", "replay", "replay-class-balanced", "gdumb", "der++", "ewc", "agem", "lwf", "cumulative")
 
 
-def build_mlp(n_in: int, n_out: int, hidden=(256, 128), dropout: float = 0.1) -> nn.Module:
-    """sccoreset's default MLP (``sccoreset._engine._model.build_model`` of ``mlp_spec``)."""
-    layers: list[nn.Module] = []
-    n = n_in
-    for h in hidden:
-        layers += [nn.Linear(n, h), nn.LayerNorm(h), nn.ReLU(), nn.Dropout(dropout)]
-        n = h
-    layers.append(nn.Linear(n, n_out))
-    return nn.Sequential(*layers)
+def _package_module(name: str):
+    """A numpy/torch-only module of the package, loaded from its file (sccoreset is not installed here)."""
+    path = Path(__file__).resolve().parents[2] / "src" / "sccoreset" / "_engine" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_sccoreset_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_model = _package_module("_model")
+_metrics = _package_module("_metrics")
+
+
+def build_mlp(n_in: int, n_out: int) -> nn.Module:
+    """sccoreset's default MLP (``build_model(mlp_spec(n_in, n_out))``), from the package's own file."""
+    return _model.build_model(_model.mlp_spec(n_in, n_out))
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict:
-    """As sccoreset's: accuracy, per-class F1 (NaN where a class is in neither), macro-F1 over classes in y_true."""
-    tp = np.bincount(y_true[y_true == y_pred], minlength=n_classes).astype(np.float64)
-    n_true = np.bincount(y_true, minlength=n_classes).astype(np.float64)
-    n_pred = np.bincount(y_pred, minlength=n_classes).astype(np.float64)
-    denom = n_true + n_pred
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(denom > 0, 2 * tp / denom, np.nan)
-    present = n_true > 0
-    return {
-        "accuracy": float((y_true == y_pred).mean()),
-        "macro_f1": float(np.nanmean(np.where(present, np.nan_to_num(f1), np.nan))),
-        "f1": [None if np.isnan(v) else float(v) for v in f1],
-    }
+    """sccoreset's metrics (from the package's own file), per-class F1 as a JSON list (None for NaN)."""
+    out = _metrics.classification_metrics(y_true, y_pred, n_classes)
+    return {**out, "f1": [None if np.isnan(v) else float(v) for v in out["f1"]]}
 
 
 def make_strategy(name: str, model: nn.Module, args, n_experiences: int):
