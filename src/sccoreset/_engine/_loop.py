@@ -182,7 +182,7 @@ class StreamLoop:
         prov["step_added"] = np.concatenate([buffer.provenance["step_added"], np.full(n_new, self.step)])
         prov["chunk"] = np.concatenate([buffer.provenance["chunk"], np.full(n_new, chunk.index)])
         # a cell drawn again (order="weighted" draws with replacement) competes once: its first occurrence
-        cand = first_occurrences(prov["file"], prov["row"])
+        cand = first_occurrences(prov["file"], prov["row"]) if cfg.order == "weighted" else None
         sub = (lambda a: a) if cand is None else (lambda a: a[cand])
         keep = select(
             sub(y), sub(score_of(stats, cfg.score)), cfg.buffer_size, n_classes=self.n_classes,

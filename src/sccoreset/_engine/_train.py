@@ -96,7 +96,8 @@ def train_epochs(
     if objective is None:
         objective = Objective([n_classes], balance_loss=balance_loss)
     dyn = Dynamics(n, dev, objective.n_logits, objective.offsets)
-    t_host = targets.cpu().numpy() if targets.device.type != "cpu" else targets.numpy()
+    # the labels back on the host only when the caller did not pass what they give (a copy and a sync on a GPU)
+    t_host = targets.cpu().numpy() if weights is None or (patience is not None and strata is None) else None
     if weights is None:
         weights = objective.weights(objective.task_counts(t_host))
     w = to_device(torch.from_numpy(np.asarray(weights)).float(), dev)
