@@ -56,7 +56,9 @@ def main():
         random_state=11,
     )  # fmt: skip
     files, keys = [str(f) for f in stream.files], list(stream.label_keys)
-    print(f"stream: {n_files} plates x {per_file:,} cells, tasks {keys} (generated/cached in {time.perf_counter() - t0:.1f} s)")
+    print(
+        f"stream: {n_files} plates x {per_file:,} cells, tasks {keys} (generated/cached in {time.perf_counter() - t0:.1f} s)"
+    )
     gs = scc.pp.fit_gene_space(files, n_top_genes=2000)
     n_cells = n_files * per_file
     extra = {}
@@ -101,8 +103,11 @@ def main():
             files, keys, gene_space=gs, eval_data=str(stream.holdout), config=cfg, budget_key=budget, progress=False
         )
         final = cs.uns["sccoreset"]["history"]["final"]["tasks"]
-        name = "stream (budget " + (" x ".join(budget) if budget else keys[0]) + ")" + (
-            " " + " ".join(args.set) if args.set else ""
+        name = (
+            "stream (budget "
+            + (" x ".join(budget) if budget else keys[0])
+            + ")"
+            + (" " + " ".join(args.set) if args.set else "")
         )
         results[name] = {k: float(final[k]["macro_f1"]) for k in keys}
         results[name]["seconds"] = time.perf_counter() - t
@@ -117,7 +122,9 @@ def main():
             continue
         ratios = {k: r[k] / off[k] for k in keys}
         verdict = "met" if min(ratios.values()) >= 0.95 else "NOT met"
-        print(f"{name}: ratio to offline " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()) + f" -> bar {verdict}")
+        print(
+            f"{name}: ratio to offline " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()) + f" -> bar {verdict}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

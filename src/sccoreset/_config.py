@@ -117,7 +117,8 @@ class StreamConfig:
     )
     step_min_delta: float = _opt(0.0, "Smallest held-out loss improvement that counts, for ``step_patience``.")
     step_val_fraction: float = _opt(
-        0.1, "Fraction of every class of the merged set held out for ``step_patience`` (rounded: rare classes give none)."
+        0.1,
+        "Fraction of every class of the merged set held out for ``step_patience`` (rounded: rare classes give none).",
     )
     regularizer: Regularizer = _opt(
         "none",
@@ -244,7 +245,9 @@ class StreamConfig:
         _check_number("ewc_lambda", self.ewc_lambda, low=0.0)
         _check_number("ewc_decay", self.ewc_decay, low=0.0, high=1.0, high_closed=True)
         if self.loss is not None and not callable(self.loss):
-            raise InputError(f"loss must be a callable (logits, targets, weights) -> scalar, or None; got {self.loss!r}.")
+            raise InputError(
+                f"loss must be a callable (logits, targets, weights) -> scalar, or None; got {self.loss!r}."
+            )
         if not all(isinstance(h, int | np.integer) and not isinstance(h, bool) and h > 0 for h in self.hidden):
             raise InputError(f"hidden must be a tuple of positive ints, got {self.hidden!r}.")
         _check_number("lr", self.lr, low=0.0, low_open=True)

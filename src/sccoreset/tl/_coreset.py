@@ -97,9 +97,7 @@ def _all_genes_var(union: pd.Index, sources: Sequence[Source], gene_space: GeneS
     )
 
 
-def _obs(
-    sources: Sequence[Source], buffer: Buffer, tasks: dict[str, Sequence[str]], prefix: str
-) -> pd.DataFrame:
+def _obs(sources: Sequence[Source], buffer: Buffer, tasks: dict[str, Sequence[str]], prefix: str) -> pd.DataFrame:
     """The kept cells' own obs rows, in buffer order, plus provenance and score columns named ``{prefix}_*``."""
     files = buffer.provenance["file"]
     rows = buffer.provenance["row"]
