@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sccoreset as scc
 from sccoreset._errors import InputError
@@ -128,3 +130,28 @@ def test_validation_augmenter_scores_each_task_on_its_own_head(two_task_stream):
         assert e["val_lineage_macro_f1"] == pytest.approx(e["lin_macro_f1"])
     with pytest.raises(InputError, match="not one of the run's tasks"):
         scc.stream.validation(X, y_lin, task="donor")({**events[0], "model": model})
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), n_pad=st.integers(0, 20), seed=st.integers(0, 2**16))
+def test_masked_loss_equals_the_loss_of_the_real_rows(n, n_pad, seed):
+    """The data-parallel CUDA graph pads minibatches: padding rows must change neither loss nor gradient."""
+    from sccoreset._engine._objective import Objective
+
+    g = torch.Generator().manual_seed(seed)
+    obj = Objective([3, 4])
+    logits = torch.randn(n + n_pad, 7, generator=g, requires_grad=True)
+    targets = torch.stack([torch.randint(0, 3, (n + n_pad,), generator=g),
+                           torch.randint(0, 4, (n + n_pad,), generator=g)], 1)  # fmt: skip
+    w = torch.rand(7, generator=g) + 0.1
+    mask = torch.cat([torch.ones(n), torch.zeros(n_pad)])
+    masked = obj(logits, targets, w, mask)
+    masked.backward()
+    real = obj(logits[:n].detach(), targets[:n], w)
+    torch.testing.assert_close(masked.detach(), real)
+    assert torch.all(logits.grad[n:] == 0)
+    # a minibatch of padding alone: loss 0 and no gradient (not NaN)
+    logits.grad = None
+    alone = obj(logits, targets, w, torch.zeros(n + n_pad))
+    alone.backward()
+    assert float(alone) == 0.0 and torch.all(logits.grad == 0)

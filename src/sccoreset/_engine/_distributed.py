@@ -99,6 +99,15 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
+    """Rank ``src``'s parameters and buffers on every rank (what DDP does when it wraps a model)."""
+    if rank_world()[1] == 1:
+        return
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=src)
+
+
 def concat_by_rank(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Dicts of per-cell arrays from every rank, concatenated key by key in rank order."""
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -19,7 +19,7 @@ from torch import nn
 
 from .._config import StreamConfig
 from ._buffer import Buffer
-from ._distributed import concat_by_rank, gather_objects, gather_rows, rank_world, wrap_ddp
+from ._distributed import broadcast_parameters, concat_by_rank, gather_objects, gather_rows, rank_world, wrap_ddp
 from ._dynamics import score_of
 from ._events import StepEvent
 from ._graphs import GraphedTrainer
@@ -90,15 +90,24 @@ class StreamLoop:
         self.device = torch.device(device)
         self.rank, self.world = rank_world()
         self.model = model.to(self.device)
-        self.net = wrap_ddp(self.model, self.device)  # what trains: DDP over the ranks, or the model itself
-        self.optimizer = make_optimizer(self.model, cfg.lr)
-        self.objective = Objective(task_sizes or [n_classes], balance_loss=cfg.balance_loss, loss=cfg.loss)
-        self.n_logits = self.objective.n_logits
         self.regularizer = None
         if cfg.regularizer != "none":
             from ._regularizers import make_regularizer
 
             self.regularizer = make_regularizer(cfg)
+        # CUDA graphs for the built-in step; under DDP (NCCL) the graph all-reduces the gradients itself
+        self.use_graphs = (
+            self.device.type == "cuda" and cfg.cuda_graphs and cfg.loss is None and self.regularizer is None
+            and cfg.step_patience is None and (self.world == 1 or torch.distributed.get_backend() == "nccl")
+        )  # fmt: skip
+        if self.use_graphs:  # what trains is the model itself; the ranks start from rank 0's weights
+            broadcast_parameters(self.model)
+            self.net = self.model
+        else:  # DDP over the ranks, or the model itself
+            self.net = wrap_ddp(self.model, self.device)
+        self.optimizer = make_optimizer(self.model, cfg.lr)
+        self.objective = Objective(task_sizes or [n_classes], balance_loss=cfg.balance_loss, loss=cfg.loss)
+        self.n_logits = self.objective.n_logits
         self.generator = torch.Generator()
         self.rng = rng
         self.eval_set = None
@@ -108,11 +117,6 @@ class StreamLoop:
                 as_targets(np.asarray(eval_set[1])),
             )
         self.buffer: Buffer | None = None
-        # CUDA graphs are captured for one process and the built-in step; otherwise the step runs eagerly
-        self.use_graphs = (
-            self.device.type == "cuda" and cfg.cuda_graphs and self.world == 1 and cfg.loss is None
-            and self.regularizer is None and cfg.step_patience is None
-        )  # fmt: skip
         self._graphed: GraphedTrainer | None = None
         if resume is None:
             # every rank draws the same seeds from rng (selection stays identical) and offsets them by its rank
@@ -289,8 +293,12 @@ class StreamLoop:
         # class weights from the host labels (under DDP from the whole merged set, the same on every rank):
         # the trainer then never copies labels back from the device
         counts = objective.task_counts(targets)
-        if self.world > 1 and cfg.balance_loss:
-            counts = [np.sum(c, axis=0) for c in zip(*gather_objects(counts), strict=True)]
+        n_max = len(targets)
+        if self.world > 1:  # every rank's cell count (the graphs pad to the largest) and class counts
+            parts = gather_objects((len(targets), counts))
+            n_max = max(n for n, _ in parts)
+            if cfg.balance_loss:
+                counts = [np.sum(c, axis=0) for c in zip(*(c for _, c in parts), strict=True)]
         weights = objective.weights(counts)
         if self.use_graphs and self._graphed is None:
             self._graphed = GraphedTrainer(
@@ -300,7 +308,7 @@ class StreamLoop:
         if self._graphed is not None:
             return self._graphed.train(
                 X, targets, epochs=epochs, generator=self.generator, stored_logits=stored, is_buffer=is_buffer,
-                weights=weights,
+                weights=weights, n_max=n_max,
             )  # fmt: skip
         return train_epochs(
             self.net, self.optimizer, X, to_device(torch.from_numpy(targets), self.device),

@@ -77,19 +77,32 @@ class Objective:
             return np.ones(self.n_logits)
         return np.concatenate([weights_from_counts(c) for c in counts])
 
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        """The loss of a minibatch: ``logits (n, n_logits)``, ``targets (n, n_tasks)``, ``w`` from :meth:`weights`."""
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        w: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The loss of a minibatch: ``logits (n, n_logits)``, ``targets (n, n_tasks)``, ``w`` from :meth:`weights`.
+
+        ``mask`` (``(n,)``, 0 or 1) leaves padding rows out of the loss: a minibatch of padding alone has loss 0
+        (the data-parallel CUDA graph pads ranks with fewer cells to the same number of minibatches).
+        """
         total = None
         for t in range(self.n_tasks):
             lo, hi = int(self.offsets[t]), int(self.offsets[t + 1])
             lt = logits[:, lo:hi].float()
             yt = targets[:, t]
             wb = torch.ones_like(lt[:, 0]) if w is None else w[yt + lo] if lo else w[yt]
+            if mask is not None:
+                wb = wb * mask
             if self.user_loss is not None:
                 part = self.user_loss(lt, yt, wb)
             else:
                 log_p_true = torch.log_softmax(lt, 1).gather(1, yt[:, None])[:, 0]
-                part = -(log_p_true * wb).sum() / wb.sum()
+                denom = wb.sum() if mask is None else wb.sum().clamp_min(1e-12)
+                part = -(log_p_true * wb).sum() / denom
             total = part if total is None else total + part
         return total
 
