@@ -57,6 +57,7 @@ class GraphedTrainer:
         self.dyn = Dynamics(rows, dev, n_logits, objective.offsets)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.flat_grad = None
+        self.comm_dtype = torch.float32
         if self.world > 1:  # the parameters' gradients as views of one buffer, all-reduced in one call
             params = list(model.parameters())
             self.flat_grad = torch.zeros(sum(p.numel() for p in params), device=dev)
@@ -79,7 +80,12 @@ class GraphedTrainer:
         loss, logits = self._forward(idx) if full else self._forward_loss(idx)
         loss.backward()
         if self.flat_grad is not None:  # DDP's gradient average, captured in the graph
-            torch.distributed.all_reduce(self.flat_grad)
+            if self.comm_dtype == self.flat_grad.dtype:
+                torch.distributed.all_reduce(self.flat_grad)
+            else:  # compressed, as DDP's bf16_compress_hook: half the bytes on the wire
+                low = self.flat_grad.to(self.comm_dtype)
+                torch.distributed.all_reduce(low)
+                self.flat_grad.copy_(low)
             self.flat_grad.div_(self.world)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=False)
