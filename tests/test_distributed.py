@@ -109,3 +109,47 @@ def test_torchrun_eager_options_agree_across_ranks(stream, tmp_path, options):
     torchrun_two_ranks(script)
     obs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert obs[0] == obs[1] and len(obs[0]) == KW["buffer_size"]
+
+
+def test_graphed_trainer_two_ranks_with_uneven_cells_keep_identical_weights(tmp_path):
+    """Rank 1 holds fewer cells than one minibatch's worth less than rank 0: it replays padding minibatches, and
+    both ranks end with the same weights (the eager DDP path lets the ranks' optimizer states drift apart)."""
+    script = tmp_path / "graphed_ddp.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json, numpy as np, torch, torch.distributed as dist
+            from sccoreset._engine._graphs import GraphedTrainer
+            from sccoreset._engine._model import build_model, mlp_spec
+            from sccoreset._engine._objective import Objective
+            from sccoreset._engine._train import make_optimizer
+            dist.init_process_group("gloo")
+            rank = dist.get_rank()
+            n = [90, 41][rank]
+            rng = np.random.default_rng(rank)
+            X = torch.from_numpy(rng.normal(size=(n, 20)).astype(np.float32))
+            targets = rng.integers(0, 4, (n, 1))
+            torch.manual_seed(rank)  # different initial weights: rank 0's are broadcast
+            model = build_model(mlp_spec(20, 4, (16,)))
+            for p in model.parameters():
+                dist.broadcast(p.data, 0)
+            trainer = GraphedTrainer(model, make_optimizer(model, 1e-2), capacity=100, n_features=20,
+                                     objective=Objective([4]), batch_size=16, distill=0.0, capture=False)
+            dyn, losses = trainer.train(X, targets, epochs=3, generator=torch.Generator().manual_seed(rank),
+                                        stored_logits=torch.zeros(n, 4), is_buffer=torch.zeros(n, dtype=torch.bool),
+                                        n_max=90)
+            flat = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
+            stats = dyn.to_numpy()
+            out = {{"flat": flat, "losses": losses, "n": len(stats["aum"]), "seen_ok": bool(np.all(np.isfinite(stats["aum"])))}}
+            with open({str(tmp_path)!r} + f"/r{{rank}}.json", "w") as fh:
+                json.dump(out, fh)
+            dist.destroy_process_group()
+            """
+        )
+    )
+    torchrun_two_ranks(script)
+    r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2))
+    assert r0["flat"] == r1["flat"]  # identical weights, bit for bit
+    assert (r0["n"], r1["n"]) == (90, 41)  # dynamics of the real cells only, not the padding
+    assert r0["seen_ok"] and r1["seen_ok"]
+    assert all(np.isfinite(r0["losses"])) and all(np.isfinite(r1["losses"]))

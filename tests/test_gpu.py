@@ -99,8 +99,9 @@ def test_two_gpu_ranks_cuda_graphs_agree_with_eager_ddp(small_stream, small_gene
     script.write_text(
         textwrap.dedent(
             f"""
-            import json, os, numpy as np, torch, torch.distributed as dist, anndata as ad
+            import faulthandler, json, os, numpy as np, torch, torch.distributed as dist, anndata as ad
             import sccoreset as scc
+            faulthandler.dump_traceback_later(150, exit=True)  # a hang fails with every thread's stack
             rank = int(os.environ["LOCAL_RANK"])
             torch.cuda.set_device(rank)
             dist.init_process_group("nccl")

@@ -1,15 +1,22 @@
-"""CUDA-graph training steps: one captured replay per minibatch instead of ~70 kernel launches from Python.
+"""CUDA-graph training epochs: one captured replay per epoch instead of ~70 kernel launches per minibatch.
 
 On a GPU the small MLP's minibatch step is bound by launch overhead, not arithmetic. The step (gather,
-forward, loss, backward, fused AdamW, dynamics update, loss accumulation) is captured once per run on
-static tensors sized for ``buffer_size + chunk_size`` cells; each step copies its merged set into them
-and replays the graph per full minibatch (the last, partial one runs eagerly on the same tensors).
+forward, loss, backward, fused AdamW, dynamics update, loss accumulation) runs on static tensors sized for
+``buffer_size + chunk_size`` cells (plus one padding row); each training step copies its merged set into
+them. A whole epoch of minibatches is captured as one graph, for each number of minibatches met (a stream
+has few: the first chunk, the full buffer plus a chunk, the last chunk, the final buffer), so the host
+launches one graph per epoch and never waits on the reader threads for the GIL between minibatches.
 
-Under DDP (NCCL) the gradients live in one flat buffer that the graph all-reduces (NCCL collectives can
-be captured): DDP's own hooks cannot be replayed. Every rank must replay the graph the same number of
-times, so ranks pad their epoch orders with a padding row (masked out of loss and dynamics) to the
-minibatches of the rank holding the most cells; a rank with fewer cells then contributes a zero
-gradient to its last minibatch, as DDP's ``Join`` does in the eager step.
+Epoch orders are padded with the padding row to whole minibatches; padding is masked out of loss and
+dynamics, so a padded minibatch learns exactly what the shorter one would.
+
+Under DDP (NCCL) the gradients live in one flat buffer that the graph all-reduces after every minibatch
+(NCCL collectives can be captured; DDP's own hooks cannot be replayed). Every rank replays the same
+number of minibatches: ranks pad to the minibatches of the rank holding the most cells, so a rank with
+fewer cells contributes a zero gradient to its last minibatches and still steps its optimizer with the
+average, which keeps every rank's weights identical.
+
+Without CUDA (``capture=False``, used by tests on CPU) the same epochs run eagerly on the same tensors.
 """
 
 from __future__ import annotations
@@ -38,24 +45,30 @@ class GraphedTrainer:
         batch_size: int,
         distill: float,
         compile: bool = False,
+        capture: bool | None = None,
+        max_graphs: int = 8,
     ) -> None:
         dev = next(model.parameters()).device
         self.model, self.optimizer, self.dev = model, optimizer, dev
         self.objective, self.batch_size, self.distill = objective, batch_size, distill
+        self.capture = dev.type == "cuda" if capture is None else capture
         self.world = rank_world()[1]
         n_logits = objective.n_logits
-        rows = capacity + 1 if self.world > 1 else capacity  # under DDP one more: the padding row
+        rows = capacity + 1  # the last row pads epochs to whole minibatches
         self.pad_row = capacity
         self.X = torch.zeros((rows, n_features), device=dev)
         self.y = torch.zeros((rows, objective.n_tasks), dtype=torch.int64, device=dev)
         self.stored = torch.zeros((rows, n_logits), device=dev)
         self.buf_weight = torch.zeros(rows, device=dev)
-        self.valid = torch.zeros(rows, device=dev) if self.world > 1 else None
+        self.valid = torch.zeros(rows, device=dev)
         self.w = torch.ones(n_logits, device=dev)
-        self.idx = torch.arange(batch_size, device=dev)
+        B = batch_size
+        self.order = torch.full((-(-rows // B) * B,), self.pad_row, dtype=torch.int64, device=dev)
         self.loss_acc = torch.zeros((), device=dev)
         self.dyn = Dynamics(rows, dev, n_logits, objective.offsets)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # minibatches per epoch -> its graph
+        self.max_graphs = max_graphs
+        self._pool = None
         self.flat_grad = None
         self.comm_dtype = torch.float32
         if self.world > 1:  # the parameters' gradients as views of one buffer, all-reduced in one call
@@ -71,15 +84,15 @@ class GraphedTrainer:
     def _forward_loss(self, idx: torch.Tensor):
         xb, yb = self.X[idx], self.y[idx]
         logits = self.model(xb)
-        loss = self.objective(logits, yb, self.w, None if self.valid is None else self.valid[idx])
+        loss = self.objective(logits, yb, self.w, self.valid[idx])
         if self.distill > 0:
             loss = loss + self.distill * replay_loss(logits, self.stored[idx], self.buf_weight[idx])
         return loss, logits
 
-    def _step(self, idx: torch.Tensor, *, full: bool = True) -> None:
-        loss, logits = self._forward(idx) if full else self._forward_loss(idx)
+    def _step(self, idx: torch.Tensor) -> None:
+        loss, logits = self._forward(idx)
         loss.backward()
-        if self.flat_grad is not None:  # DDP's gradient average, captured in the graph
+        if self.flat_grad is not None:  # DDP's gradient average
             if self.comm_dtype == self.flat_grad.dtype:
                 torch.distributed.all_reduce(self.flat_grad)
             else:  # compressed, as DDP's bf16_compress_hook: half the bytes on the wire
@@ -90,15 +103,47 @@ class GraphedTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=False)
         self.dyn.record(idx, logits)
-        n_real = idx.numel() if self.valid is None else self.valid[idx].sum()
-        self.loss_acc += loss.detach() * n_real
+        self.loss_acc += loss.detach() * self.valid[idx].sum()
 
-    def _capture(self) -> None:
-        """Warm up on a side stream, capture, then put weights and optimizer state back as they were."""
+    def _epoch(self, n_steps: int) -> None:
+        """``n_steps`` minibatches, in the order held by ``self.order`` (what a graph captures)."""
+        B = self.batch_size
+        for k in range(n_steps):
+            self._step(self.order[k * B : (k + 1) * B])
+
+    def _run_epoch(self, n_steps: int) -> None:
+        if not self.capture:
+            self._epoch(n_steps)
+            return
+        graph = self.graphs.get(n_steps)
+        if graph is None and len(self.graphs) < self.max_graphs:
+            graph = self.graphs[n_steps] = self._capture(n_steps)
+        if graph is None:  # an unusual stream with many chunk sizes: the rest run eagerly (same arithmetic)
+            self._epoch(n_steps)
+        else:
+            graph.replay()
+
+    def _capture(self, n_steps: int) -> torch.cuda.CUDAGraph:
+        """A graph of ``n_steps`` minibatches; capturing runs nothing.
+
+        The first capture warms up on a side stream first (cuBLAS, the optimizer's state, compilation) and
+        then puts weights, optimizer state and the order back as they were.
+        """
+        if not self.graphs:
+            self._warm_up()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the chunk reader's threads may allocate (pinned memory) while this thread captures
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            self._epoch(n_steps)
+        self._pool = graph.pool()  # the graphs share one memory pool (they never run at the same time)
+        return graph
+
+    def _warm_up(self) -> None:
         params = list(self.model.parameters())
         saved_params = [p.detach().clone() for p in params]
         had_state = len(self.optimizer.state) > 0
         saved_state = {id(p): {k: v.clone() for k, v in self.optimizer.state[p].items()} for p in params}
+        saved_loss, saved_order = self.loss_acc.clone(), self.order.clone()
         self.optimizer.zero_grad(set_to_none=False)
         for p in params:
             if p.grad is None:
@@ -106,13 +151,10 @@ class GraphedTrainer:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
+            self.order[: self.batch_size] = torch.arange(self.batch_size, device=self.dev) % self.pad_row
             for _ in range(3):
-                self._step(self.idx)
+                self._step(self.order[: self.batch_size])
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the chunk reader's threads may allocate (pinned memory) while this thread captures
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self._step(self.idx)
         with torch.no_grad():
             for p, s in zip(params, saved_params, strict=True):
                 p.copy_(s)
@@ -123,6 +165,8 @@ class GraphedTrainer:
                         v.copy_(saved_state[id(p)][k])
                     else:
                         v.zero_()  # a fresh AdamW: zero moments, step 0
+            self.loss_acc.copy_(saved_loss)
+            self.order.copy_(saved_order)
 
     def train(
         self,
@@ -145,37 +189,24 @@ class GraphedTrainer:
         self.y[:n].copy_(to_device(torch.from_numpy(np.ascontiguousarray(targets)), self.dev))
         self.stored[:n].copy_(stored_logits)
         self.buf_weight[:n].copy_(is_buffer.to(self.dev, torch.float32))
+        self.valid.zero_()
+        self.valid[:n] = 1.0
         if weights is None:
             weights = self.objective.weights(self.objective.task_counts(targets))
         self.w.copy_(to_device(torch.from_numpy(np.asarray(weights)).float(), self.dev))
         B = self.batch_size
+        # whole minibatches; under DDP as many as the rank with the most cells needs
+        n_steps = -(-max(n, 0 if n_max is None else n_max) // B)
         orders = host_orders(n, epochs, generator)
-        n_steps = None
-        if self.valid is not None:  # pad to the same number of full minibatches on every rank
-            n_steps = -(-max(n if n_max is None else n_max, n) // B)
-            pad = torch.full((epochs, n_steps * B - n), self.pad_row, dtype=orders.dtype)
-            orders = torch.cat([orders, pad], 1)
-            self.valid.zero_()
-            self.valid[:n] = 1.0
+        orders = torch.cat([orders, torch.full((epochs, n_steps * B - n), self.pad_row, dtype=orders.dtype)], 1)
         orders = to_device(orders, self.dev)
-        if self.graph is None:
-            self._capture()
         self.dyn.reset()
         self.model.train()
         losses = torch.zeros(epochs, device=self.dev)
         for e in range(epochs):
             self.loss_acc.zero_()
-            if n_steps is not None:
-                for k in range(n_steps):
-                    self.idx.copy_(orders[e, k * B : (k + 1) * B])
-                    self.graph.replay()
-            else:
-                for lo in range(0, n, B):
-                    if lo + B <= n:
-                        self.idx.copy_(orders[e, lo : lo + B])
-                        self.graph.replay()
-                    else:
-                        self._step(orders[e, lo:n], full=False)
+            self.order[: n_steps * B].copy_(orders[e])
+            self._run_epoch(n_steps)
             self.dyn.end_epoch(self.y[:n])
             losses[e] = self.loss_acc
         return self.dyn.head(n), (losses / max(n, 1)).tolist()
