@@ -5,10 +5,12 @@ parameters (chunk 10,000, buffer 2,000, 5 epochs per step, 2,000 genes). The wai
 the loop's events (time blocked on the next chunk) and stored in ``uns["sccoreset"]["history"]``.
 
     python benchmarks/bench_stream.py
+    python benchmarks/bench_stream.py --batch-size 1024 --lr 0.002      # any stream_train option by flag
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -20,6 +22,11 @@ DATA = Path(__file__).parent / "_data"
 
 
 def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=None, help="default: StreamConfig's")
+    p.add_argument("--lr", type=float, default=None, help="default: StreamConfig's")
+    args = p.parse_args()
+    kw = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     t0 = time.perf_counter()
     stream = scc.datasets.synthetic_stream(DATA / "stream20k", n_files=10, cells_per_file=20_000, n_genes=20_000,
                                            holdout_per_type=100, random_state=3)  # fmt: skip
@@ -28,7 +35,7 @@ def main():
     gs = scc.pp.fit_gene_space(stream.files, n_top_genes=2000)
     print(f"fit_gene_space: {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
-    cs = scc.tl.stream_train(stream.files, stream.label_key, gene_space=gs, progress=False, device="cpu")
+    cs = scc.tl.stream_train(stream.files, stream.label_key, gene_space=gs, progress=False, device="cpu", **kw)
     wall = time.perf_counter() - t0
     h = cs.uns["sccoreset"]["history"]
     wait = h["wait_seconds"].sum()

@@ -250,6 +250,43 @@ class Source:
             ) from e
         return CSRBlock(data, indices, (ptr - lo).astype(np.int64, copy=False))
 
+    def _read_runs_direct(self, pieces: list[tuple[int, int]]) -> CSRBlock | None:
+        """Runs ``[lo, hi)`` of file rows of a CSR group by positioned reads: one indptr read for the whole
+        span, then one read of data and of indices per run (None where the file needs h5py)."""
+        what = self.matrix_name
+        try:
+            with self._lock:
+                x = self._matrix()
+                if not is_group(x) or "indptr" not in x:
+                    return None
+                direct = self._direct_readers(x)
+                if direct is None:
+                    return None
+                first, last = pieces[0][0], pieces[-1][1]
+                ptr = np.asarray(x["indptr"][first : last + 1], dtype=np.int64)
+                n_stored = min(x["data"].shape[0], x["indices"].shape[0])
+                fd = self._fd
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            raise InputError(f"{self.name}: cannot read rows of {what} ({e}); is the file truncated?") from e
+        lo = np.array([ptr[a - first] for a, _ in pieces], dtype=np.int64)
+        hi = np.array([ptr[b - first] for _, b in pieces], dtype=np.int64)
+        if (lo > hi).any() or (lo < 0).any() or (hi > n_stored).any():
+            raise InputError(f"{self.name}: {what} is truncated (rows {first}-{last} point past the stored data).")
+        out_pos = np.concatenate([[0], np.cumsum(hi - lo)])
+        data = np.empty(int(out_pos[-1]), dtype=direct[0].dtype)
+        indices = np.empty(int(out_pos[-1]), dtype=direct[1].dtype)
+        try:  # outside the lock: positioned reads release the GIL
+            for k in range(len(pieces)):
+                direct[0].read_into(fd, int(lo[k]), int(hi[k]), data[out_pos[k] : out_pos[k + 1]])
+                direct[1].read_into(fd, int(lo[k]), int(hi[k]), indices[out_pos[k] : out_pos[k + 1]])
+        except OSError as e:
+            raise InputError(f"{self.name}: cannot read rows of {what} ({e}); is the file truncated?") from e
+        # the rows' own pointers, shifted to where their run starts in the output
+        indptr = [np.zeros(1, dtype=np.int64)]
+        for k, (a, b) in enumerate(pieces):
+            indptr.append(ptr[a - first + 1 : b - first + 1] - lo[k] + out_pos[k])
+        return CSRBlock(data, indices, np.concatenate(indptr))
+
     def read_rows_at(self, rows: np.ndarray) -> CSRBlock:
         """Arbitrary sorted physical (file) rows: one contiguous read per run of neighbouring rows.
 
@@ -263,6 +300,10 @@ class Source:
             m = self.adata.X if self.layer is None else self.adata.layers[self.layer]
             return block_from_matrix(m[rows])
         pieces = runs(rows)
+        if len(pieces) > 1:
+            scattered = self._read_runs_direct(pieces)
+            if scattered is not None:
+                return scattered
         span = int(rows[-1]) - int(rows[0]) + 1
         if len(pieces) > 8 and span <= SPAN_DENSITY * rows.size:
             block = self._read_file_rows(int(rows[0]), int(rows[-1]) + 1)
