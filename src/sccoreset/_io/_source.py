@@ -251,8 +251,10 @@ class Source:
         return CSRBlock(data, indices, (ptr - lo).astype(np.int64, copy=False))
 
     def _read_runs_direct(self, pieces: list[tuple[int, int]]) -> CSRBlock | None:
-        """Runs ``[lo, hi)`` of file rows of a CSR group by positioned reads: one indptr read for the whole
-        span, then one read of data and of indices per run (None where the file needs h5py)."""
+        """Runs ``[lo, hi)`` of file rows of a CSR group by positioned reads (None where h5py must read).
+
+        One indptr read for the whole span, then one read of data and one of indices per run.
+        """
         what = self.matrix_name
         try:
             with self._lock:
