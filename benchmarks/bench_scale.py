@@ -85,8 +85,18 @@ def train_kwargs(args, device):
             kw[flag] = getattr(args, flag)
     for item in args.set or []:  # any other StreamConfig option, e.g. --set compile=true
         key, _, value = item.partition("=")
-        kw[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+        kw[key] = {"true": True, "false": False}.get(value.lower(), _number(value))
     return kw
+
+
+def _number(value):
+    """``--set`` values: an int or a float where they read as one, else the string."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def final_macro_f1(coreset, holdout, label_key):
