@@ -50,6 +50,24 @@ def test_a_model_already_on_cuda_is_accepted(small_stream, small_gene_space):
     assert cs.n_obs == KW["buffer_size"]
 
 
+def test_a_model_with_batchnorm_trains_eagerly_on_cuda(small_stream, small_gene_space):
+    """Padding rows of the graphed epochs would enter BatchNorm's statistics: such models train eagerly."""
+    from sccoreset._io._sources import open_sources
+    from sccoreset.tl._session import StreamRun
+
+    n = small_gene_space.n_genes
+    model = torch.nn.Sequential(
+        torch.nn.Linear(n, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 12)
+    )
+    cfg = scc.tl.StreamConfig(device="cuda", **KW)
+    with open_sources(small_stream.files) as sources:
+        run = StreamRun(sources, "cell_type", cfg, gene_space=small_gene_space, model=model)
+        assert not run.loop.use_graphs
+        for _ in run.events_iter():
+            pass
+    assert run.coreset().n_obs == KW["buffer_size"]
+
+
 def test_cuda_graphs_learn_like_eager_steps(small_stream, small_gene_space):
     f1 = {}
     for graphs in (True, False):

@@ -51,3 +51,51 @@ def test_padded_epochs_equal_the_eager_loop(n, batch_size, distill):
         np.testing.assert_allclose(dyn.to_numpy()[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_steps_of_different_sizes_reuse_the_static_tensors_exactly():
+    """A second, smaller merged set must not see the first one's rows (stale labels, masks or stored logits)."""
+    tasks = (4, 3)
+    torch.manual_seed(0)
+    model = build_model(mlp_spec(20, sum(tasks), (16,), dropout=0.0))
+    twin = copy.deepcopy(model)
+    objective = Objective(list(tasks))
+    eager_opt = make_optimizer(model, 1e-2)
+    trainer = GraphedTrainer(
+        twin, make_optimizer(twin, 1e-2), capacity=110, n_features=20, objective=objective, batch_size=16,
+        distill=0.5, capture=False,
+    )  # fmt: skip
+    for n, seed in ((100, 0), (37, 1), (110, 2)):
+        X, targets = _data(n, tasks=tasks, seed=seed)
+        stored = torch.randn(n, sum(tasks))
+        is_buffer = torch.arange(n) < n // 4
+        eager_dyn, eager_losses = train_epochs(
+            model, eager_opt, X, torch.from_numpy(targets), epochs=2, batch_size=16,
+            generator=torch.Generator().manual_seed(seed), objective=objective, distill=0.5, stored_logits=stored,
+            is_buffer=is_buffer,
+        )  # fmt: skip
+        dyn, losses = trainer.train(
+            X, targets, epochs=2, generator=torch.Generator().manual_seed(seed), stored_logits=stored,
+            is_buffer=is_buffer,
+        )  # fmt: skip
+        np.testing.assert_allclose(losses, eager_losses, rtol=1e-5)
+        np.testing.assert_allclose(dyn.to_numpy()["aum"], eager_dyn.to_numpy()["aum"], rtol=1e-4, atol=1e-5)
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_more_cells_than_the_capacity_is_an_error_not_a_padding_row():
+    model = build_model(mlp_spec(20, 4, (16,)))
+    trainer = GraphedTrainer(
+        model, make_optimizer(model, 1e-2), capacity=50, n_features=20, objective=Objective([4]), batch_size=16,
+        distill=0.0, capture=False,
+    )  # fmt: skip
+    X, targets = _data(51, tasks=(4,))
+    kw = dict(
+        epochs=1, generator=torch.Generator(), stored_logits=torch.zeros(51, 4), is_buffer=torch.zeros(51, dtype=bool)
+    )
+    with pytest.raises(ValueError, match="51 cells do not fit the trainer's capacity of 50"):
+        trainer.train(X, targets, **kw)
+    with pytest.raises(ValueError, match="capacity"):  # another rank's count too
+        trainer.train(X[:10], targets[:10], **{**kw, "stored_logits": torch.zeros(10, 4),
+                      "is_buffer": torch.zeros(10, dtype=bool)}, n_max=51)  # fmt: skip

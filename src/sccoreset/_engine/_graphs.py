@@ -72,14 +72,25 @@ class GraphedTrainer:
         self.flat_grad = None
         self.comm_dtype = torch.float32
         if self.world > 1:  # the parameters' gradients as views of one buffer, all-reduced in one call
-            params = list(model.parameters())
-            self.flat_grad = torch.zeros(sum(p.numel() for p in params), device=dev)
-            pos = 0
-            for p in params:
-                p.grad = self.flat_grad[pos : pos + p.numel()].view_as(p)
-                pos += p.numel()
+            self.flat_grad = torch.zeros(sum(p.numel() for p in model.parameters()), device=dev)
+            self._bind_grads()
         # torch.compile fuses the elementwise work of forward, loss and dynamics into few kernels
         self._forward = torch.compile(self._forward_loss, dynamic=False) if compile else self._forward_loss
+
+    def _bind_grads(self) -> None:
+        """Under DDP, make every gradient a view of ``flat_grad`` again.
+
+        A ``zero_grad(set_to_none=True)`` by anyone else would otherwise leave the eager fallback
+        all-reducing a stale buffer.
+        """
+        if self.flat_grad is None:
+            return
+        pos = 0
+        for p in self.model.parameters():
+            view = self.flat_grad[pos : pos + p.numel()].view_as(p)
+            if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                p.grad = view
+            pos += p.numel()
 
     def _forward_loss(self, idx: torch.Tensor):
         xb, yb = self.X[idx], self.y[idx]
@@ -150,11 +161,16 @@ class GraphedTrainer:
                 p.grad = torch.zeros_like(p)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.order[: self.batch_size] = torch.arange(self.batch_size, device=self.dev) % self.pad_row
-            for _ in range(3):
-                self._step(self.order[: self.batch_size])
-        torch.cuda.current_stream().wait_stream(side)
+        try:
+            with torch.cuda.stream(side):
+                self.order[: self.batch_size] = torch.arange(self.batch_size, device=self.dev) % self.pad_row
+                for _ in range(3):
+                    self._step(self.order[: self.batch_size])
+        finally:  # also after a failure (out of memory): the model is as it was before the warm-up
+            torch.cuda.current_stream().wait_stream(side)
+            self._restore(params, saved_params, had_state, saved_state, saved_loss, saved_order)
+
+    def _restore(self, params, saved_params, had_state, saved_state, saved_loss, saved_order) -> None:
         with torch.no_grad():
             for p, s in zip(params, saved_params, strict=True):
                 p.copy_(s)
@@ -185,6 +201,9 @@ class GraphedTrainer:
         Under DDP ``n_max`` is the largest ``n`` of all ranks: every rank replays as many minibatches as it needs.
         """
         n = int(targets.shape[0])
+        if max(n, n_max or 0) > self.pad_row:  # the last row is the padding row: never a cell
+            raise ValueError(f"{max(n, n_max or 0)} cells do not fit the trainer's capacity of {self.pad_row}.")
+        self._bind_grads()
         self.X[:n].copy_(X)
         self.y[:n].copy_(to_device(torch.from_numpy(np.ascontiguousarray(targets)), self.dev))
         self.stored[:n].copy_(stored_logits)
@@ -206,7 +225,8 @@ class GraphedTrainer:
         for e in range(epochs):
             self.loss_acc.zero_()
             self.order[: n_steps * B].copy_(orders[e])
-            self._run_epoch(n_steps)
+            if n_steps:  # every rank empty (all cells skipped): nothing to replay
+                self._run_epoch(n_steps)
             self.dyn.end_epoch(self.y[:n])
             losses[e] = self.loss_acc
         return self.dyn.head(n), (losses / max(n, 1)).tolist()

@@ -95,10 +95,13 @@ class StreamLoop:
             from ._regularizers import make_regularizer
 
             self.regularizer = make_regularizer(cfg)
-        # CUDA graphs for the built-in step; under DDP (NCCL) the graph all-reduces the gradients itself
+        # CUDA graphs for the built-in step; under DDP (NCCL) the graph all-reduces the gradients itself.
+        # Models with buffers (BatchNorm's running statistics) train eagerly: the graphs' padding rows would
+        # enter their batch statistics, and DDP's per-forward buffer broadcast cannot be replayed
         self.use_graphs = (
             self.device.type == "cuda" and cfg.cuda_graphs and cfg.loss is None and self.regularizer is None
             and cfg.step_patience is None and (self.world == 1 or torch.distributed.get_backend() == "nccl")
+            and next(self.model.buffers(), None) is None
         )  # fmt: skip
         if self.use_graphs:  # what trains is the model itself; the ranks start from rank 0's weights
             broadcast_parameters(self.model)

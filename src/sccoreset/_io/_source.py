@@ -41,6 +41,7 @@ from ._nodes import (
 from ._obs_rows import UnsupportedEncoding, read_obs_rows
 
 SPAN_DENSITY = 32  # read a whole span when the wanted rows are at least 1 in 32 of it
+POINTER_SPAN = 1 << 20  # scattered rows: one indptr read for spans up to this many rows (8 MiB), else per run
 
 
 @dataclass
@@ -253,9 +254,12 @@ class Source:
     def _read_runs_direct(self, pieces: list[tuple[int, int]]) -> CSRBlock | None:
         """Runs ``[lo, hi)`` of file rows of a CSR group by positioned reads (None where h5py must read).
 
-        One indptr read for the whole span, then one read of data and one of indices per run.
+        One indptr read for the whole span (one per run where the span is long), then one read of data and
+        one of indices per run. Everything happens under the source's lock, so a reading thread closing
+        the file cannot pull the descriptor away mid-read.
         """
         what = self.matrix_name
+        first, last = pieces[0][0], pieces[-1][1]
         try:
             with self._lock:
                 x = self._matrix()
@@ -264,30 +268,45 @@ class Source:
                 direct = self._direct_readers(x)
                 if direct is None:
                     return None
-                first, last = pieces[0][0], pieces[-1][1]
-                ptr = np.asarray(x["indptr"][first : last + 1], dtype=np.int64)
+                ptrs = self._run_pointers(x["indptr"], pieces)
                 n_stored = min(x["data"].shape[0], x["indices"].shape[0])
-                fd = self._fd
-        except (OSError, KeyError, ValueError, TypeError) as e:
-            raise InputError(f"{self.name}: cannot read rows of {what} ({e}); is the file truncated?") from e
-        lo = np.array([ptr[a - first] for a, _ in pieces], dtype=np.int64)
-        hi = np.array([ptr[b - first] for _, b in pieces], dtype=np.int64)
-        if (lo > hi).any() or (lo < 0).any() or (hi > n_stored).any():
-            raise InputError(f"{self.name}: {what} is truncated (rows {first}-{last} point past the stored data).")
-        out_pos = np.concatenate([[0], np.cumsum(hi - lo)])
-        data = np.empty(int(out_pos[-1]), dtype=direct[0].dtype)
-        indices = np.empty(int(out_pos[-1]), dtype=direct[1].dtype)
-        try:  # outside the lock: positioned reads release the GIL
-            for k in range(len(pieces)):
-                direct[0].read_into(fd, int(lo[k]), int(hi[k]), data[out_pos[k] : out_pos[k + 1]])
-                direct[1].read_into(fd, int(lo[k]), int(hi[k]), indices[out_pos[k] : out_pos[k + 1]])
-        except OSError as e:
-            raise InputError(f"{self.name}: cannot read rows of {what} ({e}); is the file truncated?") from e
+                lo = np.array([p[0] for p in ptrs], dtype=np.int64)
+                hi = np.array([p[-1] for p in ptrs], dtype=np.int64)
+                if (lo > hi).any() or (lo < 0).any() or (hi > n_stored).any():
+                    raise InputError(
+                        f"{self.name}: {what} is truncated (rows {first}-{last - 1} point past the stored data)."
+                    )
+                out_pos = np.concatenate([[0], np.cumsum(hi - lo)])
+                data = np.empty(int(out_pos[-1]), dtype=direct[0].dtype)
+                indices = np.empty(int(out_pos[-1]), dtype=direct[1].dtype)
+                for k in range(len(pieces)):
+                    direct[0].read_into(self._fd, int(lo[k]), int(hi[k]), data[out_pos[k] : out_pos[k + 1]])
+                    direct[1].read_into(self._fd, int(lo[k]), int(hi[k]), indices[out_pos[k] : out_pos[k + 1]])
+        except InputError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError, IndexError) as e:
+            raise InputError(
+                f"{self.name}: cannot read rows {first}-{last - 1} of {what} ({e}); is the file truncated?"
+            ) from e
         # the rows' own pointers, shifted to where their run starts in the output
         indptr = [np.zeros(1, dtype=np.int64)]
-        for k, (a, b) in enumerate(pieces):
-            indptr.append(ptr[a - first + 1 : b - first + 1] - lo[k] + out_pos[k])
+        indptr += [p[1:] - lo[k] + out_pos[k] for k, p in enumerate(ptrs)]
         return CSRBlock(data, indices, np.concatenate(indptr))
+
+    def _run_pointers(self, node: Any, pieces: list[tuple[int, int]]) -> list[np.ndarray]:
+        """``indptr[lo : hi + 1]`` of every run (a short ``indptr`` is an error naming the file).
+
+        One read of the whole span when it is short (``POINTER_SPAN`` rows), else one read per run.
+        """
+        first, last = pieces[0][0], pieces[-1][1]
+        if last - first <= POINTER_SPAN:
+            span = np.asarray(node[first : last + 1], dtype=np.int64)
+            parts = [span[a - first : b - first + 1] for a, b in pieces]
+        else:
+            parts = [np.asarray(node[a : b + 1], dtype=np.int64) for a, b in pieces]
+        if any(p.size != b - a + 1 for p, (a, b) in zip(parts, pieces, strict=True)):
+            raise InputError(f"{self.name}: {self.matrix_name}/indptr is shorter than its rows; is the file truncated?")
+        return parts
 
     def read_rows_at(self, rows: np.ndarray) -> CSRBlock:
         """Arbitrary sorted physical (file) rows: one contiguous read per run of neighbouring rows.
