@@ -9,6 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 import sccoreset as scc
 from sccoreset._engine._distributed import shard_chunk, shard_plan
@@ -130,7 +131,7 @@ def test_graphed_trainer_two_ranks_with_uneven_cells_keep_identical_weights(tmp_
             X = torch.from_numpy(rng.normal(size=(n, 20)).astype(np.float32))
             targets = rng.integers(0, 4, (n, 1))
             torch.manual_seed(rank)  # different initial weights: rank 0's are broadcast
-            model = build_model(mlp_spec(20, 4, (16,)))
+            model = build_model(mlp_spec(20, 4, (16,), dropout=0.0))
             for p in model.parameters():
                 dist.broadcast(p.data, 0)
             trainer = GraphedTrainer(model, make_optimizer(model, 1e-2), capacity=100, n_features=20,
@@ -153,3 +154,40 @@ def test_graphed_trainer_two_ranks_with_uneven_cells_keep_identical_weights(tmp_
     assert (r0["n"], r1["n"]) == (90, 41)  # dynamics of the real cells only, not the padding
     assert r0["seen_ok"] and r1["seen_ok"]
     assert all(np.isfinite(r0["losses"])) and all(np.isfinite(r1["losses"]))
+    # the same arithmetic in one process: every minibatch's gradient is the mean of the ranks' masked losses'
+    # gradients (a rank out of cells contributes zero); padding that leaked into a loss would move the weights
+    np.testing.assert_allclose(r0["flat"], _two_rank_reference(), rtol=1e-4, atol=1e-6)
+
+
+def _two_rank_reference() -> list[float]:
+    from sccoreset._engine._model import build_model, mlp_spec
+    from sccoreset._engine._objective import Objective
+    from sccoreset._engine._train import host_orders, make_optimizer
+
+    objective = Objective([4])
+    torch.manual_seed(0)
+    model = build_model(mlp_spec(20, 4, (16,), dropout=0.0))
+    opt = make_optimizer(model, 1e-2)
+    ranks = []
+    for rank, n in enumerate((90, 41)):
+        rng = np.random.default_rng(rank)
+        X = torch.from_numpy(rng.normal(size=(n, 20)).astype(np.float32))
+        y = torch.from_numpy(rng.integers(0, 4, (n, 1)))
+        w = torch.from_numpy(objective.weights(objective.task_counts(y.numpy()))).float()
+        ranks.append((X, y, w, host_orders(n, 3, torch.Generator().manual_seed(rank))))
+    model.train()
+    for epoch in range(3):
+        for k in range(-(-90 // 16)):
+            total = 0.0
+            for X, y, w, orders in ranks:
+                idx = orders[epoch, k * 16 : (k + 1) * 16]
+                if len(idx):
+                    total = total + objective(model(X[idx]), y[idx], w) / 2
+            opt.zero_grad()
+            if torch.is_tensor(total):
+                total.backward()
+            for p in model.parameters():  # the padded rank's zero gradient is part of the step
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
