@@ -169,8 +169,9 @@ class StreamConfig:
     device: str | None = _opt(None, "``'cuda'``, ``'mps'`` or ``'cpu'``; default the first available.", compared=False)
     cuda_graphs: bool = _opt(
         True,
-        "On a GPU, replay each minibatch step from a captured CUDA graph (launch overhead, not arithmetic, "
-        "bounds a small model's step); False trains eagerly.",
+        "On a GPU, replay each epoch of minibatch steps from a captured CUDA graph (launch overhead, not "
+        "arithmetic, bounds a small model's step); False trains eagerly. Models with buffers (BatchNorm's "
+        "running statistics), ``loss=``, ``regularizer=`` and ``step_patience=`` always train eagerly.",
         compared=False,
     )
     tf32: bool = _opt(
