@@ -222,3 +222,17 @@ def test_writes_under_pandas_string_inference(tmp_path, marker_stream):
         cs.write_h5ad(tmp_path / "cs.h5ad")
         back = ad.read_h5ad(tmp_path / "cs.h5ad")
     assert list(back.var_names) == list(cs.var_names) and back.var["highly_variable"].sum() == len(GENE_LIST)
+
+
+def test_a_genes_all_coreset_predicts_its_own_cells_like_their_files(runs, small_stream):
+    """Its X holds the raw counts on every gene: predicting on it equals predicting on the files' rows."""
+    _, cs, _ = runs
+    out = scc.tl.predict(cs, cs, key_added="self", copy=True)
+    for where, src, rows in _input_rows(cs, small_stream.files):
+        if not where.size:
+            continue
+        ref = scc.tl.predict(src[rows].copy(), cs, copy=True)
+        np.testing.assert_allclose(
+            out.obsm["self_probabilities"].to_numpy()[where], ref.obsm["sccoreset_probabilities"].to_numpy(),
+            rtol=1e-5, atol=1e-6,
+        )  # fmt: skip

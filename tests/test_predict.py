@@ -69,8 +69,12 @@ def test_errors(query, coreset):
     # the coreset holds training columns under the same prefix: refuse to overwrite them
     with pytest.raises(InputError, match="holds a trained coreset's record"):
         scc.tl.predict(coreset, coreset)
-    out = scc.tl.predict(coreset, coreset, layer="counts", key_added="self", copy=True)
-    assert "self_prediction" in out.obs and "self_prediction" not in coreset.obs
+    # a genes='list' coreset's counts cover the gene list only: transforming them again gives other features
+    with pytest.raises(InputError, match=r"genes='list'.*layers\['counts'\] holds counts on its \d+ list genes"):
+        scc.tl.predict(coreset, coreset, layer="counts", key_added="self", copy=True)
+    with pytest.raises(InputError, match=r"genes='list'.*X holds its features, not counts"):
+        scc.tl.predict(coreset, coreset, key_added="self", copy=True)
+    assert "self_prediction" not in coreset.obs
 
 
 def test_layer_and_copy(query, coreset):

@@ -116,6 +116,7 @@ def predict(
             "would overwrite it and the coreset's own columns. Pass another key_added, e.g. key_added='predicted'."
         )
 
+    _refuse_gene_list_coreset(adata, layer)
     net, gs, _ = load_classifier(coreset, model)
     tasks = stored_tasks(coreset)
     dev = resolve_device(device)
@@ -158,6 +159,26 @@ def predict(
     if len(tasks) > 1:
         adata.uns[key_added]["tasks"] = {k: np.asarray(c, dtype=str) for k, c in tasks.items()}
     return adata if copy else None
+
+
+def _refuse_gene_list_coreset(adata: AnnData, layer: str | None) -> None:
+    """A ``genes="list"`` coreset holds no raw counts on every gene, so its cells cannot be transformed again.
+
+    Its ``X`` holds features, and its ``layers["counts"]`` holds counts on the gene list only: normalising those
+    by their own total gives other features than training did (the library size of all genes is gone).
+    """
+    for key, rec in adata.uns.items():
+        if not is_record(rec) or str(rec.get("params", {}).get("genes", "list")) != "list":
+            continue
+        where = "X holds its features, not counts" if layer is None else (
+            f"layers[{layer!r}] holds counts on its {adata.n_vars} list genes only, so their library sizes differ "
+            "from training's"
+        )  # fmt: skip
+        raise InputError(
+            f"adata is a coreset made with genes='list' (uns[{key!r}]): {where}. Predict from the original files' "
+            "cells, or train with genes='all' (raw counts on every gene in X); the coreset's own cells already "
+            f"have their training scores in obs and their features in X."
+        )
 
 
 def _majority_vote(clusters: pd.Series, best: np.ndarray, names: pd.Index) -> pd.Categorical:
