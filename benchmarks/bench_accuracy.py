@@ -100,6 +100,10 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=None, help="default: StreamConfig's")
     p.add_argument("--lr", type=float, default=None, help="default: StreamConfig's")
+    p.add_argument(
+        "--seeds", type=int, default=1, help="train every sccoreset row with this many seeds (model and selection); "
+        "the table shows their mean, and the per-seed macro-F1 are printed"
+    )  # fmt: skip
     p.add_argument("--avalanche", action=argparse.BooleanOptionalAction, default=True, help="run the Avalanche peer")
     p.add_argument("--avalanche-python", default=_venv_python(".venv-avalanche"), help="interpreter with avalanche")
     p.add_argument("--avalanche-strategies", nargs="*", default=list(AVALANCHE), choices=AVALANCHE)
@@ -161,14 +165,24 @@ def main():
         cfg = StreamConfig(**{**opts, "buffer_size": max(opts["buffer_size"], 1)})
         if opts["buffer_size"] == 0:  # naive streaming: the config refuses an empty buffer, the engine does not
             object.__setattr__(cfg, "buffer_size", 0)
-        torch.manual_seed(0)
-        model = build_model(mlp_spec(gs.n_genes, len(classes)))
-        loop = StreamLoop(
-            model, cfg, n_classes=len(classes), device=args.device, eval_set=(Xe, ye), rng=np.random.default_rng(0)
-        )
-        for _ in loop.steps(chunks()):
-            pass
-        report(name, loop.finish(), time.perf_counter() - t)
+        runs = []
+        for seed in range(args.seeds):
+            torch.manual_seed(seed)
+            model = build_model(mlp_spec(gs.n_genes, len(classes)))
+            loop = StreamLoop(
+                model, cfg, n_classes=len(classes), device=args.device, eval_set=(Xe, ye),
+                rng=np.random.default_rng(seed),
+            )  # fmt: skip
+            for _ in loop.steps(chunks()):
+                pass
+            runs.append(loop.finish())
+        metrics = runs[0]
+        if args.seeds > 1:
+            f1s = [r["macro_f1"] for r in runs]
+            print(f"  {name}: macro-F1 per seed {np.round(f1s, 4).tolist()}, sd {np.std(f1s, ddof=1):.4f}")
+            metrics = {**runs[0], "macro_f1": float(np.mean(f1s)), "accuracy": float(np.mean([r["accuracy"] for r in runs])),
+                       "f1": np.mean([r["f1"] for r in runs], axis=0)}  # fmt: skip
+        report(name, metrics, time.perf_counter() - t)
 
     wanted = set(args.configs) if args.configs else None
 
