@@ -13,6 +13,7 @@ uncompressed data and indices (``_direct.py``) run outside it, in parallel, with
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from dataclasses import dataclass, field
@@ -42,6 +43,13 @@ from ._obs_rows import UnsupportedEncoding, read_obs_rows
 
 SPAN_DENSITY = 32  # read a whole span when the wanted rows are at least 1 in 32 of it
 POINTER_SPAN = 1 << 20  # scattered rows: one indptr read for spans up to this many rows (8 MiB), else per run
+
+
+def _hint(e: BaseException) -> str:
+    """What a failed read most likely means."""
+    if isinstance(e, OSError) and e.errno == errno.EMFILE:
+        return "the process has too many files open (raise `ulimit -n`)"
+    return "is the file truncated?"
 
 
 @dataclass
@@ -247,7 +255,7 @@ class Source:
             raise
         except (OSError, KeyError, ValueError, TypeError) as e:
             raise InputError(
-                f"{self.name}: cannot read rows {start}-{stop} of {what} ({e}); is the file truncated?"
+                f"{self.name}: cannot read rows {start}-{stop} of {what} ({e}); {_hint(e)}"
             ) from e
         return CSRBlock(data, indices, (ptr - lo).astype(np.int64, copy=False))
 
@@ -286,7 +294,7 @@ class Source:
             raise
         except (OSError, KeyError, ValueError, TypeError, IndexError) as e:
             raise InputError(
-                f"{self.name}: cannot read rows {first}-{last - 1} of {what} ({e}); is the file truncated?"
+                f"{self.name}: cannot read rows {first}-{last - 1} of {what} ({e}); {_hint(e)}"
             ) from e
         # the rows' own pointers, shifted to where their run starts in the output
         indptr = [np.zeros(1, dtype=np.int64)]

@@ -21,6 +21,30 @@ from ..pp._gene_space import GeneSpace
 from ..pp._scan import gene_union
 
 
+def _open_file_budget() -> int:
+    """Files the coreset build may keep open at once: an eighth of the descriptor limit, at most 256.
+
+    Each open file takes two descriptors (h5py's and the positioned reads'); a stream of thousands of files
+    would otherwise run out of them (1,024 is a common limit on clusters, 256 on macOS).
+    """
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not on POSIX
+        return 64
+    if soft == resource.RLIM_INFINITY:
+        return 256
+    return max(4, min(256, soft // 8))
+
+
+def _release(sources: Sequence[Source], files: np.ndarray):
+    """``release(f)``: close source ``f`` after its rows were read, when the kept cells span many files."""
+    if np.unique(files).size <= _open_file_budget():
+        return lambda f: None  # few files: keep them open for the next pass over the same files
+    return lambda f: sources[f].close()
+
+
 def _counts_on(sources: Sequence[Source], buffer: Buffer, n_cols: int, col_maps: Sequence[np.ndarray]) -> sp.csr_matrix:
     """Raw counts of the kept cells, read back from their files by provenance, on a target gene index.
 
@@ -33,11 +57,13 @@ def _counts_on(sources: Sequence[Source], buffer: Buffer, n_cols: int, col_maps:
     files = buffer.provenance["file"]
     rows = buffer.provenance["row"]
     parts, where = [], []
+    release = _release(sources, files)
     for f in np.unique(files):
         sel = np.flatnonzero(files == f)
         order = sel[np.argsort(rows[sel])]
         src = sources[f]
         block = src.read_rows_at(rows[order])
+        release(f)
         m = sp.csr_matrix((block.data, block.indices, block.indptr), shape=(order.size, len(src.var_names)))
         col_map = col_maps[f]
         keep = col_map >= 0
@@ -102,10 +128,12 @@ def _obs(sources: Sequence[Source], buffer: Buffer, tasks: dict[str, Sequence[st
     files = buffer.provenance["file"]
     rows = buffer.provenance["row"]
     frames, where = [], []
+    release = _release(sources, files)
     for f in np.unique(files):
         sel = np.flatnonzero(files == f)
         order = sel[np.argsort(rows[sel], kind="stable")]
         frames.append(sources[f].read_obs(rows[order]))
+        release(f)
         where.append(order)
     cell_names = np.concatenate([np.asarray(fr.index, dtype=object).astype(str) for fr in frames])
     obs = pd.concat([fr.reset_index(drop=True) for fr in frames], ignore_index=True)
