@@ -254,9 +254,7 @@ class Source:
         except InputError:
             raise
         except (OSError, KeyError, ValueError, TypeError) as e:
-            raise InputError(
-                f"{self.name}: cannot read rows {start}-{stop} of {what} ({e}); {_hint(e)}"
-            ) from e
+            raise InputError(f"{self.name}: cannot read rows {start}-{stop} of {what} ({e}); {_hint(e)}") from e
         return CSRBlock(data, indices, (ptr - lo).astype(np.int64, copy=False))
 
     def _read_runs_direct(self, pieces: list[tuple[int, int]]) -> CSRBlock | None:
@@ -293,9 +291,7 @@ class Source:
         except InputError:
             raise
         except (OSError, KeyError, ValueError, TypeError, IndexError) as e:
-            raise InputError(
-                f"{self.name}: cannot read rows {first}-{last - 1} of {what} ({e}); {_hint(e)}"
-            ) from e
+            raise InputError(f"{self.name}: cannot read rows {first}-{last - 1} of {what} ({e}); {_hint(e)}") from e
         # the rows' own pointers, shifted to where their run starts in the output
         indptr = [np.zeros(1, dtype=np.int64)]
         indptr += [p[1:] - lo[k] + out_pos[k] for k, p in enumerate(ptrs)]
