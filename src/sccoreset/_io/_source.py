@@ -76,6 +76,9 @@ class Source:
     peeked: bool = field(default=False, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _categorical: dict = field(default_factory=dict, repr=False)  # obs key -> (codes of every file row, categories)
+    #: positioned reads running outside the lock; a close asked for meanwhile waits for the last of them
+    _busy: int = field(default=0, repr=False)
+    _close_pending: bool = field(default=False, repr=False)
 
     # -- layout -----------------------------------------------------------------------------
     @property
@@ -101,6 +104,7 @@ class Source:
 
     def _file(self) -> Any:
         with self._lock:
+            self._close_pending = False  # wanted again: a deferred close is off
             if self._handle is None or (isinstance(self._handle, h5py.File) and not self._handle.id.valid):
                 if not self.path.exists():
                     raise InputError(f"{self.name}: file no longer exists (it was there when the stream was scanned).")
@@ -111,7 +115,12 @@ class Source:
         return self._file()[f"{self.prefix}{self.matrix_name}"]
 
     def close(self) -> None:
+        """Close the file (it reopens when read again); deferred while positioned reads still use it."""
         with self._lock:
+            if self._busy:
+                self._close_pending = True
+                return
+            self._close_pending = False
             if self._handle is not None:
                 close_store(self._handle)
             self._handle = None
@@ -248,9 +257,17 @@ class Source:
                     if direct is None:
                         read_slice_into(x["data"], lo, hi, data)
                         read_slice_into(x["indices"], lo, hi, indices)
+                    else:
+                        self._busy += 1  # a close() meanwhile waits for these reads
             if direct is not None:  # positioned reads release the GIL, and run in parallel outside the lock
-                direct[0].read_into(fd, lo, hi, data)
-                direct[1].read_into(fd, lo, hi, indices)
+                try:
+                    direct[0].read_into(fd, lo, hi, data)
+                    direct[1].read_into(fd, lo, hi, indices)
+                finally:
+                    with self._lock:
+                        self._busy -= 1
+                        if not self._busy and self._close_pending:
+                            self.close()
         except InputError:
             raise
         except (OSError, KeyError, ValueError, TypeError) as e:

@@ -13,6 +13,7 @@ import numpy as np
 
 from .._io._blocks import CSRBlock, take_rows
 from .._io._labels import MissingLabels, check_policy, missing_labels_error
+from .._io._open_files import OpenFiles
 from .._io._parallel import default_workers, ordered_map
 from .._io._prefetch import prefetch as run_ahead
 from .._io._recycle import ArrayRecycler
@@ -140,6 +141,7 @@ class ChunkReader:
         self._col_maps: dict[int, np.ndarray] = {}
         self._col_lock = threading.Lock()
         self._outputs = ArrayRecycler(max_tracked=self.n_workers + 3, pin_memory=pin_memory)
+        self._open = OpenFiles(self.sources)  # shuffled orders over thousands of files: a bounded number open
 
     @property
     def pin_memory(self) -> bool:
@@ -156,11 +158,26 @@ class ChunkReader:
 
     def read_raw(self, index: int, segments: Sequence[Segment], buffers: ReadBuffers) -> _RawChunk:
         """Read the segments' rows; cells with a missing label are dropped here (skip) or raise (error)."""
+        pending = {f for f, _, _ in segments}
+        last = {f: k for k, (f, _, _) in enumerate(segments)}
+        self._open.begin(pending)
+
+        def done(k: int, f: int) -> None:  # a file's last segment of this chunk is in memory: it may be closed
+            if last[f] == k:
+                pending.discard(f)
+                self._open.end([f])
+
+        try:
+            return self._read_raw(index, segments, buffers, done)
+        finally:
+            self._open.end(pending)
+
+    def _read_raw(self, index: int, segments: Sequence[Segment], buffers: ReadBuffers, done) -> _RawChunk:
         t0 = time.perf_counter()
         buffers.reset()
         blocks, file_index, rows, names, labels = [], [], [], [], []
         n_skipped = 0
-        for f, start, stop in segments:
+        for k, (f, start, stop) in enumerate(segments):
             src = self.sources[f]
             block = src.read_rows(start, stop, buffers)
             seg_rows = src.physical_rows(start, stop)
@@ -179,6 +196,7 @@ class ChunkReader:
             rows.append(seg_rows)
             names.append(seg_names)
             file_index.append(np.full(seg_rows.size, f, dtype=np.int32))
+            done(k, f)
         return _RawChunk(
             index, blocks, buffers, _cat(labels, object) if self.label_key is not None else None,
             _cat(file_index, np.int32), _cat(rows, np.int64), _cat(names, object), time.perf_counter() - t0, n_skipped,
@@ -253,6 +271,7 @@ class ChunkReader:
                 for f in {f for f, _, _ in plan[i]}:
                     if last_use[f] == i:  # keep few files open on long streams
                         self.sources[f].close()
+                        self._open.forget(f)
                 yield raw
 
         def transform_all() -> Iterator[Chunk]:
@@ -287,6 +306,7 @@ class ChunkReader:
                     done = [f for f in files_of[i] if remaining[f] == 0]
                 for f in done:  # every chunk of it read: keep few files open on long streams
                     self.sources[f].close()
+                    self._open.forget(f)
 
         yield from ordered_map(
             one, range(start, len(plan)), n_workers=self.n_workers, depth=prefetch, state=ReadBuffers,

@@ -15,32 +15,16 @@ from .._engine._buffer import SCORE_NAMES, Buffer
 from .._engine._events import History
 from .._engine._model import model_record
 from .._errors import InputError
+from .._io._open_files import open_file_budget
 from .._io._sources import Source
 from .._utils import h5ad_safe_strings
 from ..pp._gene_space import GeneSpace
 from ..pp._scan import gene_union
 
 
-def _open_file_budget() -> int:
-    """Files the coreset build may keep open at once: an eighth of the descriptor limit, at most 256.
-
-    Each open file takes two descriptors (h5py's and the positioned reads'); a stream of thousands of files
-    would otherwise run out of them (1,024 is a common limit on clusters, 256 on macOS).
-    """
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, OSError, ValueError):  # pragma: no cover - not on POSIX
-        return 64
-    if soft == resource.RLIM_INFINITY:
-        return 256
-    return max(4, min(256, soft // 8))
-
-
 def _release(sources: Sequence[Source], files: np.ndarray):
     """``release(f)``: close source ``f`` after its rows were read, when the kept cells span many files."""
-    if np.unique(files).size <= _open_file_budget():
+    if np.unique(files).size <= open_file_budget():
         return lambda f: None  # few files: keep them open for the next pass over the same files
     return lambda f: sources[f].close()
 

@@ -1,0 +1,68 @@
+"""Keep the number of files open at once bounded, whatever the number of files in the stream.
+
+Each open source holds two descriptors (h5py's and the positioned reads'). Shuffled orders touch every file
+early and finish each late, and a coreset's kept cells can come from thousands of files: without a bound a
+stream of CELLxGENE size runs out of descriptors (1,024 is a common limit on clusters, 256 on macOS).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
+
+from ._source import Source
+
+
+def open_file_budget() -> int:
+    """Files to keep open at once: an eighth of the descriptor limit, between 4 and 256."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not on POSIX
+        return 64
+    if soft == resource.RLIM_INFINITY:
+        return 256
+    return max(4, min(256, soft // 8))
+
+
+class OpenFiles:
+    """Closes the least recently used files beyond ``budget`` that no reader is reading.
+
+    Readers call :meth:`begin` with the files of a chunk before reading it and :meth:`end` once its rows are in
+    memory; a file is closed only between those calls of every reader (it reopens when read again).
+    """
+
+    def __init__(self, sources: Sequence[Source], budget: int | None = None) -> None:
+        self.sources = sources
+        self.budget = open_file_budget() if budget is None else int(budget)
+        self._lock = threading.Lock()
+        self._reading: Counter[int] = Counter()
+        self._recent: OrderedDict[int, None] = OrderedDict()
+
+    def begin(self, files: Iterable[int]) -> None:
+        with self._lock:
+            for f in files:
+                self._reading[f] += 1
+                self._recent[f] = None
+                self._recent.move_to_end(f)
+
+    def end(self, files: Iterable[int]) -> None:
+        """The reader is done with ``files`` (it may call this per file, as soon as a file's rows are read)."""
+        with self._lock:
+            for f in files:
+                self._reading[f] -= 1
+            excess = len(self._recent) - self.budget
+            for f in list(self._recent):
+                if excess <= 0:
+                    break
+                if self._reading[f] <= 0:
+                    self.sources[f].close()
+                    del self._recent[f]
+                    excess -= 1
+
+    def forget(self, f: int) -> None:
+        """``f`` was closed by its owner (its last chunk was read)."""
+        with self._lock:
+            self._recent.pop(f, None)
