@@ -79,6 +79,8 @@ def test_shuffled_reading_of_many_files_stays_under_the_open_file_limit(tmp_path
                 got = np.concatenate([c.X for c in scc.pp.iter_chunks(paths, gs, chunk_size=500, order="block_shuffle",
                                                                       block_size=8, n_workers=workers)])
                 assert np.array_equal(got, want)
+            sampled = scc.pp.fit_gene_space(paths, n_top_genes=10, max_cells=3000, n_workers=2)  # random blocks
+            assert sampled.n_genes == 10
             print("ok", got.shape)
             """
         )

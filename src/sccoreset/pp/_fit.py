@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .._errors import InputError
 from .._io._checks import warn_if_not_counts
 from .._io._kernels import bad_row_message, csr_accumulate
+from .._io._open_files import OpenFiles
 from .._io._parallel import default_workers, ordered_map
 from .._io._sources import ReadBuffers, Source, open_sources
 from .._utils import RandomState, as_rng, check_positive, logger
@@ -64,19 +65,23 @@ def accumulate_statistics(
     blocks = [seg for chunk in plan for seg in chunk]
     remaining = Counter(f for f, _, _ in blocks)
     lock = threading.Lock()
+    open_files = OpenFiles(sources)  # a sampled plan visits files in random order: a bounded number open
 
     def one(seg: tuple[int, int, int], buffers: ReadBuffers) -> tuple[np.ndarray, int]:
         f, start, stop = seg
         src = sources[f]
+        open_files.begin([f])
         try:
             buffers.reset()
             block = src.read_rows(start, stop, buffers)
         finally:
+            open_files.end([f])
             with lock:
                 remaining[f] -= 1
                 last = remaining[f] == 0
             if last:  # keep few files open on long streams
                 src.close()
+                open_files.forget(f)
         acc = np.zeros_like(sums)
         bad = np.zeros(block.n_rows, dtype=np.uint8)
         if csr_accumulate(block.data, block.indices, block.indptr, col_maps[f], target_sum, acc, bad):
