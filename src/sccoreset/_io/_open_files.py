@@ -54,6 +54,8 @@ class OpenFiles:
             for f in files:
                 self._reading[f] -= 1
             excess = len(self._recent) - self.budget
+            if excess <= 0:  # the common case: under the budget, nothing to close
+                return
             for f in list(self._recent):
                 if excess <= 0:
                     break

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,18 +15,30 @@ from .._engine._buffer import SCORE_NAMES, Buffer
 from .._engine._events import History
 from .._engine._model import model_record
 from .._errors import InputError
-from .._io._open_files import open_file_budget
+from .._io._open_files import OpenFiles
 from .._io._sources import Source
 from .._utils import h5ad_safe_strings
 from ..pp._gene_space import GeneSpace
 from ..pp._scan import gene_union
 
 
-def _release(sources: Sequence[Source], files: np.ndarray):
-    """``release(f)``: close source ``f`` after its rows were read, when the kept cells span many files."""
-    if np.unique(files).size <= open_file_budget():
-        return lambda f: None  # few files: keep them open for the next pass over the same files
-    return lambda f: sources[f].close()
+def _kept_by_file(sources: Sequence[Source], buffer: Buffer) -> Iterator[tuple[int, np.ndarray]]:
+    """``(file, buffer positions of its kept cells, by row)`` for every file holding kept cells, in file order.
+
+    A file is open only while the caller reads it and then stays open for the next pass, up to
+    :class:`~sccoreset._io._open_files.OpenFiles`' budget: kept cells from thousands of files do not run out of
+    descriptors.
+    """
+    files = buffer.provenance["file"]
+    rows = buffer.provenance["row"]
+    open_files = OpenFiles(sources)
+    for f in np.unique(files):
+        sel = np.flatnonzero(files == f)
+        open_files.begin([f])
+        try:
+            yield int(f), sel[np.argsort(rows[sel], kind="stable")]
+        finally:
+            open_files.end([f])
 
 
 def _counts_on(sources: Sequence[Source], buffer: Buffer, n_cols: int, col_maps: Sequence[np.ndarray]) -> sp.csr_matrix:
@@ -38,16 +50,11 @@ def _counts_on(sources: Sequence[Source], buffer: Buffer, n_cols: int, col_maps:
     file lacks are zeros for its cells.
     """
     n = len(buffer)
-    files = buffer.provenance["file"]
     rows = buffer.provenance["row"]
     parts, where = [], []
-    release = _release(sources, files)
-    for f in np.unique(files):
-        sel = np.flatnonzero(files == f)
-        order = sel[np.argsort(rows[sel])]
+    for f, order in _kept_by_file(sources, buffer):
         src = sources[f]
         block = src.read_rows_at(rows[order])
-        release(f)
         m = sp.csr_matrix((block.data, block.indices, block.indptr), shape=(order.size, len(src.var_names)))
         col_map = col_maps[f]
         keep = col_map >= 0
@@ -112,12 +119,8 @@ def _obs(sources: Sequence[Source], buffer: Buffer, tasks: dict[str, Sequence[st
     files = buffer.provenance["file"]
     rows = buffer.provenance["row"]
     frames, where = [], []
-    release = _release(sources, files)
-    for f in np.unique(files):
-        sel = np.flatnonzero(files == f)
-        order = sel[np.argsort(rows[sel], kind="stable")]
+    for f, order in _kept_by_file(sources, buffer):
         frames.append(sources[f].read_obs(rows[order]))
-        release(f)
         where.append(order)
     cell_names = np.concatenate([np.asarray(fr.index, dtype=object).astype(str) for fr in frames])
     obs = pd.concat([fr.reset_index(drop=True) for fr in frames], ignore_index=True)
