@@ -64,7 +64,8 @@ class OpenFiles:
                     del self._recent[f]
                     excess -= 1
 
-    def forget(self, f: int) -> None:
-        """``f`` was closed by its owner (its last chunk was read)."""
+    def close(self, f: int) -> None:
+        """Close ``f`` for good: its last rows were read (it would still reopen if read again)."""
         with self._lock:
             self._recent.pop(f, None)
+        self.sources[f].close()

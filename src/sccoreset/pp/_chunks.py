@@ -270,8 +270,7 @@ class ChunkReader:
                 raw = self.read_raw(i, plan[i], free_buffers())
                 for f in {f for f, _, _ in plan[i]}:
                     if last_use[f] == i:  # keep few files open on long streams
-                        self.sources[f].close()
-                        self._open.forget(f)
+                        self._open.close(f)
                 yield raw
 
         def transform_all() -> Iterator[Chunk]:
@@ -305,8 +304,7 @@ class ChunkReader:
                     remaining.subtract(files_of[i])
                     done = [f for f in files_of[i] if remaining[f] == 0]
                 for f in done:  # every chunk of it read: keep few files open on long streams
-                    self.sources[f].close()
-                    self._open.forget(f)
+                    self._open.close(f)
 
         yield from ordered_map(
             one, range(start, len(plan)), n_workers=self.n_workers, depth=prefetch, state=ReadBuffers,

@@ -80,8 +80,7 @@ def accumulate_statistics(
                 remaining[f] -= 1
                 last = remaining[f] == 0
             if last:  # keep few files open on long streams
-                src.close()
-                open_files.forget(f)
+                open_files.close(f)
         acc = np.zeros_like(sums)
         bad = np.zeros(block.n_rows, dtype=np.uint8)
         if csr_accumulate(block.data, block.indices, block.indptr, col_maps[f], target_sum, acc, bad):

@@ -177,7 +177,7 @@ def _refuse_gene_list_coreset(adata: AnnData, layer: str | None) -> None:
         raise InputError(
             f"adata is a coreset made with genes='list' (uns[{key!r}]): {where}. Predict from the original files' "
             "cells, or train with genes='all' (raw counts on every gene in X); the coreset's own cells already "
-            f"have their training scores in obs and their features in X."
+            "have their training scores in obs and their features in X."
         )
 
 
