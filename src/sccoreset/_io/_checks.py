@@ -5,11 +5,12 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
+import numba
 import numpy as np
 
 from ._source import Source
 
-PEEK_ROWS = 200
+PEEK_ROWS = 20
 
 
 class NotRawCountsWarning(UserWarning):
@@ -17,10 +18,26 @@ class NotRawCountsWarning(UserWarning):
 
 
 def non_integer_example(data: np.ndarray) -> float | None:
-    """A stored value that is not a whole number, or None when all are."""
-    finite = data[np.isfinite(data)]  # non-finite values are reported by the transform, naming the row
-    frac = finite[np.abs(finite - np.rint(finite)) > 1e-3]
-    return float(frac[0]) if frac.size else None
+    """The first stored value that is not a whole number (within 1e-3), or None when all are.
+
+    Non-finite values are skipped: the transform reports them, naming the row.
+    """
+    data = np.asarray(data).ravel()
+    if data.dtype.kind in "biu":
+        return None
+    if data.dtype not in (np.float32, np.float64):
+        data = data.astype(np.float64)
+    at = _first_non_integer(data)
+    return float(data[at]) if at >= 0 else None
+
+
+@numba.njit(nogil=True, cache=True)
+def _first_non_integer(data):
+    for i in range(data.size):
+        v = np.float64(data[i])
+        if np.isfinite(v) and abs(v - np.rint(v)) > 1e-3:
+            return i
+    return -1
 
 
 def warn_if_not_counts(sources: Sequence[Source]) -> None:

@@ -157,21 +157,44 @@ def csr_accumulate(data, indices, indptr, col_map, target_sum, acc, bad):
     n_cols = col_map.size
     nnz = min(data.size, indices.size)
     table = np.empty((TABLE, 4), dtype=np.float64)
+    slot = np.empty(0, dtype=np.int32)  # each element's table entry, for the row being summed
     for i in range(n):
         lo = indptr[i]
         hi = indptr[i + 1]
         if lo < 0 or hi < lo or hi > nnz:
             bad[i] = 4  # BAD_INDPTR
             continue
-        if not _indices_in_range(indices, lo, hi, n_cols):
+        bad[i] = 0
+        if slot.size < hi - lo:
+            slot = np.empty(2 * (hi - lo), dtype=np.int32)
+        n_table = min(TABLE, hi - lo + 1)  # short rows: fewer table entries than elements
+        top = np.float32(n_table - 1)
+        # one pass that vectorizes: every value's table entry, whether all are whole numbers in the
+        # table (so also finite and >= 0), and whether every column index is in range
+        whole = True
+        in_range = True
+        for j in range(lo, hi):
+            v = data[j]
+            ix = indices[j]
+            t = np.int32(min(max(v, np.float32(-1.0)), top))  # clamped first: NaN and inf convert safely
+            slot[j - lo] = t
+            whole &= (t >= 0) & (np.float32(t) == v)
+            in_range &= (ix >= 0) & (ix < n_cols)
+        if not in_range:
             bad[i] = 2  # BAD_INDEX
             continue
-        s, flag = _row_sum(data, lo, hi)
-        bad[i] = flag
-        if flag or s <= 0:
+        if whole:
+            s = np.float32(0.0)
+            for j in range(lo, hi):
+                s += data[j]
+        else:
+            s, flag = _row_sum(data, lo, hi)
+            if flag:
+                bad[i] = flag
+                continue
+        if s <= 0:
             continue
         scale = np.float32(target_sum / s)
-        n_table = min(TABLE, hi - lo + 1)  # short rows: fewer table entries than elements
         for t in range(n_table):
             x = np.float32(t) * scale
             lx = np.float64(np.log1p(x))
@@ -180,13 +203,23 @@ def csr_accumulate(data, indices, indptr, col_map, target_sum, acc, bad):
             table[t, 1] = xd * xd
             table[t, 2] = lx
             table[t, 3] = lx * lx
+        if whole:  # the common case: table lookups only
+            for j in range(lo, hi):
+                c = col_map[indices[j]]
+                if c >= 0:
+                    t = slot[j - lo]
+                    acc[c, 0] += table[t, 0]
+                    acc[c, 1] += table[t, 1]
+                    acc[c, 2] += table[t, 2]
+                    acc[c, 3] += table[t, 3]
+            continue
         for j in range(lo, hi):
             c = col_map[indices[j]]
             if c < 0:
                 continue
             v = data[j]
-            t = np.int64(v) if v < n_table else np.int64(-1)
-            if t >= 0 and np.float32(t) == np.float32(v):
+            t = slot[j - lo]
+            if t >= 0 and np.float32(t) == v:
                 acc[c, 0] += table[t, 0]
                 acc[c, 1] += table[t, 1]
                 acc[c, 2] += table[t, 2]

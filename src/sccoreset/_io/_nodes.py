@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import InputError
+from ._vlen import heap_strings
 
 try:
     from anndata.io import read_elem
@@ -141,12 +142,30 @@ class SharedIndexes:
         return self._by_digest[digest]
 
     def from_node(self, node: Any, what: str) -> pd.Index:
-        """The Index of a stored string column, decoding it only when its raw bytes are new."""
+        """The Index of a stored string column, decoding it only when its raw bytes are new.
+
+        Variable-length strings are fingerprinted from the file's global heap (:func:`heap_strings`); a
+        fingerprint is trusted once h5py's decoding of the same dataset gave exactly the same bytes.
+        """
+        if isinstance(node, h5py.Dataset) and node.dtype.kind == "O":
+            heap = heap_strings(node)
+            if heap is not None:
+                lengths, data = heap
+                key = b"heap" + hashlib.sha1(lengths.tobytes() + data.tobytes()).digest()
+                if key in self._by_digest:
+                    return self._by_digest[key]
+                raw = node[()]
+                index = self._from_raw(raw, node, what)
+                if np.array_equal(lengths, [len(b) for b in raw]) and data.tobytes() == b"".join(raw):
+                    self._by_digest[key] = index
+                return index
         if isinstance(node, h5py.Dataset) and node.dtype.kind in ("S", "O"):
-            raw = node[()]  # bytes: hashing them is much cheaper than decoding 20,000 names per file
-            digest = hashlib.sha1(raw.tobytes() if raw.dtype.kind == "S" else b"\0".join(raw)).digest()
-            key = b"raw" + digest
-            if key not in self._by_digest:
-                self._by_digest[key] = self.get(read_column(node, 0, node.shape[0], what)[0])
-            return self._by_digest[key]
+            return self._from_raw(node[()], node, what)  # bytes: hashing them beats decoding 20,000 names
         return self.get(read_column(node, 0, column_length(node), what)[0])
+
+    def _from_raw(self, raw: np.ndarray, node: Any, what: str) -> pd.Index:
+        digest = hashlib.sha1(raw.tobytes() if raw.dtype.kind == "S" else b"\0".join(raw)).digest()
+        key = b"raw" + digest
+        if key not in self._by_digest:
+            self._by_digest[key] = self.get(read_column(node, 0, node.shape[0], what)[0])
+        return self._by_digest[key]
