@@ -14,6 +14,7 @@ import numpy as np
 BAD_VALUE = 1  # negative or non-finite count
 BAD_INDEX = 2  # a column index outside [0, n_vars)
 BAD_INDPTR = 4  # indptr decreasing or pointing past the stored data
+LOG_TABLE = 32  # per-row table of log1p of the small whole counts 0 .. LOG_TABLE - 1 (transform)
 
 
 def bad_row_message(bad: np.ndarray, rows: np.ndarray | None, row_offset: int, source: str, what: str) -> str:
@@ -51,28 +52,18 @@ def _row_sum(data, lo, hi):
     return s, flag
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
-def _indices_in_range(indices, lo, hi, n_cols):
-    """Whether every column index of a row is in ``[0, n_cols)``: a min/max pass that vectorizes."""
-    mn = n_cols
-    mx = -1
-    for j in range(lo, hi):
-        ix = indices[j]
-        mn = min(mn, ix)
-        mx = max(mx, ix)
-    return hi == lo or (mn >= 0 and mx < n_cols)
-
-
 @numba.njit(nogil=True, cache=True)
 def _transform_rows(r0, r1, data, indices, indptr, col_map, mean, inv_std, fill, target_sum, max_value, out, bad):
     """Rows ``[r0, r1)`` of :func:`csr_transform` (one block of rows, one scratch allocation)."""
     n_cols = col_map.size
+    last_col = n_cols - 1
     nnz = min(data.size, indices.size)
     width = 0
     for i in range(r0, r1):
         width = max(width, indptr[i + 1] - indptr[i])
     cols = np.empty(max(width, 0), np.int32)
     vals = np.empty(max(width, 0), np.float32)
+    table = np.empty(LOG_TABLE, np.float32)
     for i in range(r0, r1):
         lo = indptr[i]
         hi = indptr[i + 1]
@@ -80,29 +71,46 @@ def _transform_rows(r0, r1, data, indices, indptr, col_map, mean, inv_std, fill,
             bad[i] = 4  # BAD_INDPTR
             out[i, :] = fill
             continue
-        if not _indices_in_range(indices, lo, hi, n_cols):
-            bad[i] = 2  # BAD_INDEX
+        if n_cols == 0 and hi > lo:
+            bad[i] = 2  # BAD_INDEX: no column exists
             out[i, :] = fill
             continue
         s = np.float32(0.0)
         flag = 0
+        in_range = True
         k = 0
         for j in range(lo, hi):
             v = data[j]
             if not (v >= 0.0) or v == np.inf:
                 flag = 1
             s += v
-            c = col_map[indices[j]]
+            ix = indices[j]
+            in_range &= (ix >= 0) & (ix <= last_col)
+            c = col_map[min(max(ix, 0), last_col)]  # clamped: a bad index never reads out of bounds
             cols[k] = c
             vals[k] = v
             k += c >= 0
+        if not in_range:
+            bad[i] = 2  # BAD_INDEX
+            out[i, :] = fill
+            continue
         bad[i] = flag
         scale = np.float32(target_sum / s) if s > 0 else np.float32(0.0)
         out[i, :] = fill
+        n_table = min(LOG_TABLE, k)  # log1p of the small whole counts, once per row
+        for t in range(n_table):
+            table[t] = np.log1p(np.float32(t) * scale)
+        top = np.float32(n_table - 1)
         for t in range(k):
             c = cols[t]
-            v = (np.log1p(np.float32(vals[t]) * scale) - mean[c]) * inv_std[c]
-            out[i, c] = min(max(v, -max_value), max_value)
+            v = vals[t]
+            w = np.int32(min(max(v, np.float32(-1.0)), top))
+            if w >= 0 and np.float32(w) == v:
+                lv = table[w]
+            else:
+                lv = np.log1p(np.float32(v) * scale)
+            x = (lv - mean[c]) * inv_std[c]
+            out[i, c] = min(max(x, -max_value), max_value)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -114,10 +122,11 @@ def csr_transform(data, indices, indptr, col_map, mean, inv_std, fill, target_su
     negative or non-finite value, ``BAD_INDEX``: a column index out of range, ``BAD_INDPTR``); the
     checks cost one predictable compare per element and keep a corrupt file from reading out of bounds.
 
-    One pass over a row sums it and compacts the entries on the gene list into a scratch buffer
-    without branching (about 1 in 10 entries is kept, at random: a branch there mispredicts often);
-    a second, short pass transforms only those. Rows go in blocks of 256 so scratch is allocated
-    once per block.
+    One pass over a row sums it, checks its column indices and compacts the entries on the gene list
+    into a scratch buffer without branching (about 1 in 10 entries is kept, at random: a branch there
+    mispredicts often); a second, short pass transforms only those, taking the log1p of small whole
+    counts from a per-row table (the same float32 arithmetic). Rows go in blocks of 256 so scratch is
+    allocated once per block.
     """
     n = indptr.size - 1
     for block in numba.prange((n + 255) // 256):
