@@ -30,28 +30,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from _common import raw_read
 
 import sccoreset as scc
 from sccoreset._utils import h5ad_safe_strings
 
 DATA = Path(__file__).parent / "_data"
-
-
-def raw_read(files, chunk_size):
-    """Cells/s of reading every row block's indptr, indices and data straight from the CSR arrays."""
-    n = 0
-    t0 = time.perf_counter()
-    for path in files:
-        with h5py.File(path, "r") as f:
-            x = f["X"]
-            total = x["indptr"].shape[0] - 1
-            for start in range(0, total, chunk_size):
-                stop = min(start + chunk_size, total)
-                ptr = x["indptr"][start : stop + 1]
-                x["data"][ptr[0] : ptr[-1]]
-                x["indices"][ptr[0] : ptr[-1]]
-                n += stop - start
-    return n / (time.perf_counter() - t0)
 
 
 def chunked_read(files, gs, chunk_size, label_key="cell_type", order="sequential", n_workers=None):

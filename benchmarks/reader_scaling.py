@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import raw_read
 
 import sccoreset as scc
 from sccoreset._io._sources import ReadBuffers, open_sources
@@ -76,6 +77,7 @@ def main():
         print(f"{'threads':>8} {'iter_chunks':>14} {'read s/chunk':>13} {'transform s/chunk':>18}"
               f" {'read alone':>14} {'transform alone':>16}")  # fmt: skip
         base = {}
+        wholes = {}
         for w in args.workers:
             reader.n_workers = w
             t0 = time.perf_counter()
@@ -89,6 +91,7 @@ def main():
             tr_alone = n_cells / in_threads(
                 w, range(len(plan)), lambda i, b: reader.transform(raws[i % len(raws)], parallel=False)
             )
+            wholes[w] = whole
             base.setdefault("whole", whole)
             base.setdefault("read", read_alone)
             base.setdefault("tr", tr_alone)
@@ -97,6 +100,13 @@ def main():
                 f" {read_alone:>10,.0f} ({read_alone / base['read']:.1f}x) {tr_alone:>10,.0f} ({tr_alone / base['tr']:.1f}x)"
             )  # fmt: skip
     print("(cells/s; in brackets: against one thread)")
+    raw = max(raw_read(files, args.cells_per_file) for _ in range(3))
+    print(f"raw h5py row-block read of the same files, one thread (best of 3): {raw:,.0f} cells/s")
+    for w, whole in wholes.items():
+        print(f"  iter_chunks with {w} threads / raw read: {whole / raw:.2f}")
+    if 1 in wholes and 8 in wholes:
+        print(f"bar (issue 9): 8 threads / 1 thread = {wholes[8] / wholes[1]:.2f} (>= 3), "
+              f"8 threads / raw read = {wholes[8] / raw:.2f} (>= 2)")  # fmt: skip
 
 
 if __name__ == "__main__":
