@@ -82,6 +82,37 @@ def test_damaged_heap_falls_back(tmp_path):
         assert heap_strings(f["s"]) is None
 
 
+@pytest.mark.parametrize("size", [(1 << 63) - 8, (1 << 64) - 1, 1 << 40])
+def test_object_size_that_would_overflow_is_refused(tmp_path, size):
+    """A heap object claiming a huge size is damage: refused (h5py then reports it), never read past the heap."""
+    path = tmp_path / "o.h5"
+    _write(path, [f"gene{i}" for i in range(50)])
+    raw = bytearray(path.read_bytes())
+    first_object = raw.find(b"GCOL") + 16
+    raw[first_object + 8 : first_object + 16] = size.to_bytes(8, "little")
+    path.write_bytes(bytes(raw))
+    with h5py.File(path, "r") as f:
+        assert heap_strings(f["s"]) is None
+
+
+def test_collection_beyond_the_end_of_the_file_is_refused(tmp_path):
+    path = tmp_path / "t.h5"
+    _write(path, ["alpha", "beta"])
+    raw = bytearray(path.read_bytes())
+    at = raw.find(b"GCOL")
+    raw[at + 8 : at + 16] = (len(raw) * 4).to_bytes(8, "little")  # a collection larger than the file
+    path.write_bytes(bytes(raw))
+    with h5py.File(path, "r") as f:
+        assert heap_strings(f["s"]) is None
+
+
+def test_files_in_memory_are_left_to_h5py(tmp_path):
+    path = tmp_path / "m.h5"
+    _write(path, ["alpha", "beta"])
+    with h5py.File(path, "r", driver="core") as f:
+        assert heap_strings(f["s"]) is None
+
+
 def _h5ad(path, genes):
     X = sp.csr_matrix(np.ones((3, len(genes)), dtype=np.float32))
     a = ad.AnnData(X=X, var=h5ad_safe_strings(pd.DataFrame(index=genes)))

@@ -127,3 +127,21 @@ def test_transform_with_no_genes_flags_every_stored_entry():
     csr_transform_serial(data, indices, indptr, np.zeros(0, np.int32), empty, empty, empty, np.float32(1e4),
                          np.float32(10), out, bad)  # fmt: skip
     assert bad.tolist() == [BAD_INDEX, 0]
+
+
+def test_corrupt_indptr_asks_for_no_huge_scratch():
+    """A row claiming 2**40 entries is flagged (bad indptr), not a MemoryError or a crash."""
+    data = np.ones(4, np.float32)
+    indices = np.arange(4, dtype=np.int32)
+    indptr = np.array([0, 2, 2**40], np.int64)
+    col_map = np.arange(N_COLS, dtype=np.int32)
+    stats = np.ones(N_COLS, np.float32)
+    for kernel in (csr_transform, csr_transform_serial):
+        out = np.zeros((2, N_COLS), np.float32)
+        bad = np.zeros(2, np.uint8)
+        kernel(data, indices, indptr, col_map, stats, stats, stats, np.float32(1e4), np.float32(10), out, bad)
+        assert bad.tolist() == [0, 4]
+    acc = np.zeros((N_COLS, 4))
+    bad = np.zeros(2, np.uint8)
+    assert csr_accumulate(data, indices, indptr, col_map, 1e4, acc, bad) == 1
+    assert bad.tolist() == [0, 4]

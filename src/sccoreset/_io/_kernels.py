@@ -59,8 +59,8 @@ def _transform_rows(r0, r1, data, indices, indptr, col_map, mean, inv_std, fill,
     last_col = n_cols - 1
     nnz = min(data.size, indices.size)
     width = 0
-    for i in range(r0, r1):
-        width = max(width, indptr[i + 1] - indptr[i])
+    for i in range(r0, r1):  # rows within the stored data only: a corrupt indptr asks for no huge scratch
+        width = max(width, min(indptr[i + 1], nnz) - max(indptr[i], 0))
     cols = np.empty(max(width, 0), np.int32)
     vals = np.empty(max(width, 0), np.float32)
     table = np.empty(LOG_TABLE, np.float32)
@@ -104,7 +104,7 @@ def _transform_rows(r0, r1, data, indices, indptr, col_map, mean, inv_std, fill,
         for t in range(k):
             c = cols[t]
             v = vals[t]
-            w = np.int32(min(max(v, np.float32(-1.0)), top))
+            w = np.int32(min(v if v >= 0 else np.float32(-1.0), top))  # NaN -> -1, inf -> top
             if w >= 0 and np.float32(w) == v:
                 lv = table[w]
             else:
@@ -185,7 +185,7 @@ def csr_accumulate(data, indices, indptr, col_map, target_sum, acc, bad):
         for j in range(lo, hi):
             v = data[j]
             ix = indices[j]
-            t = np.int32(min(max(v, np.float32(-1.0)), top))  # clamped first: NaN and inf convert safely
+            t = np.int32(min(v if v >= 0 else np.float32(-1.0), top))  # NaN -> -1, inf -> top: safe to convert
             slot[j - lo] = t
             whole &= (t >= 0) & (np.float32(t) == v)
             in_range &= (ix >= 0) & (ix < n_cols)

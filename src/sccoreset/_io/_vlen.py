@@ -32,48 +32,56 @@ def heap_strings(dataset: h5py.Dataset) -> tuple[np.ndarray, np.ndarray] | None:
     """(byte length of every string, their bytes concatenated) of a 1-D variable-length string dataset.
 
     None when the fast path does not apply (chunked or filtered storage, another offset size, a userblock,
-    a heap that does not parse): the caller then reads the dataset with h5py.
+    a file not opened through the plain POSIX driver, a heap that does not parse or points outside the
+    file): the caller then reads the dataset with h5py. The bytes are read through h5py's own descriptor,
+    so they come from the file h5py has open.
     """
     try:
         if dataset.ndim != 1 or h5py.check_string_dtype(dataset.dtype) is None or dataset.dtype.kind != "O":
             return None
         if dataset.chunks is not None or dataset.id.get_create_plist().get_nfilters() > 0:
             return None
-        fcpl = dataset.file.id.get_create_plist()
-        if fcpl.get_sizes() != (8, 8) or fcpl.get_userblock() != 0:
+        file = dataset.file
+        fcpl = file.id.get_create_plist()
+        if file.driver != "sec2" or fcpl.get_sizes() != (8, 8) or fcpl.get_userblock() != 0:
             return None
         n = int(dataset.shape[0])
         offset = dataset.id.get_offset()
         if offset is None:
             return None if n else (np.zeros(0, np.int64), np.zeros(0, np.uint8))
-        fd = os.open(dataset.file.filename, os.O_RDONLY)
-    except (OSError, ValueError, TypeError, AttributeError):
+        fd = int(file.id.get_vfd_handle())
+        file_size = os.fstat(fd).st_size
+        return _read_heap_strings(fd, file_size, n, int(offset))
+    except Exception:  # noqa: BLE001 - anything unexpected: h5py reads the dataset (and reports damage)
         return None
-    try:
-        elements = np.frombuffer(_pread(fd, n * _ELEMENT.itemsize, offset), dtype=_ELEMENT)
-        lengths = elements["length"].astype(np.int64)
-        addresses = elements["address"]
-        used = lengths > 0  # an empty string may carry no heap object
-        runs = np.flatnonzero(np.diff(addresses)) + 1  # elements come in runs of one collection each
-        firsts = addresses[np.concatenate(([0], runs))] if n else addresses[:0]
-        wanted = np.unique(firsts[_run_used(used, runs)])
-        collections = []
-        for address in wanted:
-            collection = _read_collection(fd, int(address))
-            if collection is None:
-                return None
-            collections.append(collection)
-        heap = np.concatenate(collections) if collections else np.zeros(0, np.uint8)
-        bases = np.cumsum([0] + [c.size for c in collections])
-        which = np.searchsorted(wanted, addresses).astype(np.int64)
-        starts = _resolve(heap, bases, which, elements["index"].astype(np.int64), lengths)
-        if starts is None:
+
+
+def _read_heap_strings(fd: int, file_size: int, n: int, offset: int) -> tuple[np.ndarray, np.ndarray] | None:
+    if offset < 0 or offset + n * _ELEMENT.itemsize > file_size:
+        return None
+    elements = np.frombuffer(_pread(fd, n * _ELEMENT.itemsize, offset), dtype=_ELEMENT)
+    lengths = elements["length"].astype(np.int64)
+    addresses = elements["address"]
+    used = lengths > 0  # an empty string may carry no heap object
+    runs = np.flatnonzero(np.diff(addresses)) + 1  # elements come in runs of one collection each
+    firsts = addresses[np.concatenate(([0], runs))] if n else addresses[:0]
+    wanted = np.unique(firsts[_run_used(used, runs)])
+    collections, total = [], 0
+    for address in wanted:
+        collection = _read_collection(fd, int(address), file_size)
+        if collection is None:
             return None
-        return lengths, _gather(heap, starts, lengths)
-    except (OSError, ValueError):
+        total += collection.size
+        if total > file_size:  # overlapping collections: damage
+            return None
+        collections.append(collection)
+    heap = np.concatenate(collections) if collections else np.zeros(0, np.uint8)
+    bases = np.cumsum([0] + [c.size for c in collections])
+    which = np.searchsorted(wanted, addresses).astype(np.int64)
+    starts = _resolve(heap, bases, which, elements["index"].astype(np.int64), lengths, len(collections))
+    if starts is None:
         return None
-    finally:
-        os.close(fd)
+    return lengths, _gather(heap, starts, lengths)
 
 
 def _run_used(used: np.ndarray, runs: np.ndarray) -> np.ndarray:
@@ -94,12 +102,14 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-def _read_collection(fd: int, address: int) -> np.ndarray | None:
+def _read_collection(fd: int, address: int, file_size: int) -> np.ndarray | None:
+    if address + _HEADER > file_size:
+        return None
     header = _pread(fd, _HEADER, address)
     if header[:4] != b"GCOL" or header[4] != 1:
         return None
     size = int.from_bytes(header[8:16], "little")
-    if not _HEADER <= size <= MAX_COLLECTION:
+    if not _HEADER <= size <= min(MAX_COLLECTION, file_size - address):
         return None
     return np.frombuffer(_pread(fd, size, address), dtype=np.uint8)
 
@@ -122,7 +132,7 @@ def _scan_collection(heap, lo, hi, start, size, seen):
         n = np.int64(_u64(heap, at + 8))
         if index == 0:  # free space: the rest of the collection
             return n_seen
-        if n < 0 or at + 16 + n > hi:
+        if n < 0 or n > hi - at - 16:  # written so that no sum can overflow
             return -1
         if index < start.size:  # objects beyond the table belong to no element
             if start[index] >= 0:
@@ -136,7 +146,7 @@ def _scan_collection(heap, lo, hi, start, size, seen):
 
 
 @numba.njit(nogil=True, cache=True)
-def _resolve_kernel(heap, bases, which, index, lengths, out):
+def _resolve_kernel(heap, bases, which, index, lengths, out, max_scans):
     top = 1
     for e in range(index.size):
         top = max(top, index[e] + 1)
@@ -155,6 +165,9 @@ def _resolve_kernel(heap, bases, which, index, lengths, out):
             for k in range(n_seen):
                 if seen[k] < top:
                     start[seen[k]] = -1
+            max_scans -= 1
+            if max_scans < 0:
+                return False
             n_seen = _scan_collection(heap, bases[c], bases[c + 1], start, size, seen)
             if n_seen < 0:
                 return False
@@ -166,10 +179,16 @@ def _resolve_kernel(heap, bases, which, index, lengths, out):
     return True
 
 
-def _resolve(heap, bases, which, index, lengths):
-    """Offset in ``heap`` of every element's bytes, or None when an element names no matching object."""
+def _resolve(heap, bases, which, index, lengths, n_collections):
+    """Offset in ``heap`` of every element's bytes, or None when an element names no matching object.
+
+    Elements that hop between collections more often than a well-formed file makes them (runs of one
+    collection each, in order) are left to h5py rather than rescanned without bound.
+    """
     out = np.zeros(lengths.size, dtype=np.int64)
-    return out if _resolve_kernel(heap, np.asarray(bases, np.int64), which, index, lengths, out) else None
+    max_scans = 4 * n_collections + 16
+    ok = _resolve_kernel(heap, np.asarray(bases, np.int64), which, index, lengths, out, max_scans)
+    return out if ok else None
 
 
 @numba.njit(nogil=True, cache=True)
