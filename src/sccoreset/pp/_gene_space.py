@@ -74,7 +74,7 @@ class GeneSpace:
     # -- alignment --------------------------------------------------------------------------
     def column_map(self, var_names: Sequence[str] | pd.Index, *, source: str = "data") -> np.ndarray:
         """For each input column, its position in :attr:`genes` or -1 when the gene is not in the list."""
-        var_names = pd.Index(var_names)
+        var_names = var_names if isinstance(var_names, pd.Index) else pd.Index(var_names)
         if var_names.has_duplicates:
             dups = var_names[var_names.duplicated()].unique()[:5].tolist()
             raise InputError(f"{source}: duplicate gene names in var_names, e.g. {dups}.")
