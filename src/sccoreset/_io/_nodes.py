@@ -151,7 +151,9 @@ class SharedIndexes:
             heap = heap_strings(node)
             if heap is not None:
                 lengths, data = heap
-                key = b"heap" + hashlib.sha1(lengths.tobytes() + data.tobytes()).digest()
+                # the count first: lengths and bytes of different lists can never run together
+                count = len(lengths).to_bytes(8, "little")
+                key = b"heap" + hashlib.sha1(count + lengths.tobytes() + data.tobytes()).digest()
                 if key in self._by_digest:
                     return self._by_digest[key]
                 raw = node[()]

@@ -11,7 +11,7 @@ already decoded. The caller decodes a new list with h5py and checks it against t
 Format: HDF5 file format specification 3.0, "Global Heap" (collection: ``GCOL``, version 1, 3 reserved
 bytes, collection size; objects: index u16, reference count u16, 4 reserved bytes, size, data padded to
 8 bytes; index 0 is the free space) and "Disk format of variable-length data" (length u32, collection
-address, object index u32). Only files with 8-byte offsets and lengths and no userblock are read here.
+address, object index u32). Only files with 8-byte offsets and lengths, no userblock and the POSIX (sec2) driver are read here.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import numba
 import numpy as np
 
 _HEADER = 16  # "GCOL", version, 3 reserved bytes, 8-byte collection size
-_OBJECT_HEADER = 16  # index u16, reference count u16, 4 reserved bytes, 8-byte size
 _ELEMENT = np.dtype([("length", "<u4"), ("address", "<u8"), ("index", "<u4")])
 MAX_COLLECTION = 1 << 30  # a collection larger than this is damage, not gene names
 
