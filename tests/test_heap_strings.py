@@ -67,40 +67,29 @@ def test_not_applicable_falls_back(tmp_path):
         assert heap_strings(f["s"]) is None
 
 
-def test_damaged_heap_falls_back(tmp_path):
-    """A heap collection whose signature was overwritten is not parsed: h5py's reading decides."""
+# damage to the first heap collection: (offset from its start, new bytes given the file's length)
+DAMAGE = {
+    "signature overwritten": (0, lambda size: b"XXXX"),
+    "collection larger than the file": (8, lambda size: (size * 4).to_bytes(8, "little")),
+    "object size 2**63 - 8 (overflows a bounds check)": (24, lambda size: ((1 << 63) - 8).to_bytes(8, "little")),
+    "object size 2**64 - 1": (24, lambda size: ((1 << 64) - 1).to_bytes(8, "little")),
+    "object size 2**40": (24, lambda size: (1 << 40).to_bytes(8, "little")),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_heap_is_refused(tmp_path, damage):
+    """A damaged heap is not parsed (h5py's reading then decides), and nothing is read past the heap."""
     path = tmp_path / "d.h5"
-    _write(path, ["alpha", "beta", "gamma"])
+    _write(path, [f"gene{i}" for i in range(50)])
     with h5py.File(path, "r") as f:
         offset = f["s"].id.get_offset()
     raw = bytearray(path.read_bytes())
-    address = int.from_bytes(raw[offset + 4 : offset + 12], "little")
+    address = int.from_bytes(raw[offset + 4 : offset + 12], "little")  # the first element's collection
     assert raw[address : address + 4] == b"GCOL"
-    raw[address : address + 4] = b"XXXX"
-    path.write_bytes(bytes(raw))
-    with h5py.File(path, "r") as f:
-        assert heap_strings(f["s"]) is None
-
-
-@pytest.mark.parametrize("size", [(1 << 63) - 8, (1 << 64) - 1, 1 << 40])
-def test_object_size_that_would_overflow_is_refused(tmp_path, size):
-    """A heap object claiming a huge size is damage: refused (h5py then reports it), never read past the heap."""
-    path = tmp_path / "o.h5"
-    _write(path, [f"gene{i}" for i in range(50)])
-    raw = bytearray(path.read_bytes())
-    first_object = raw.find(b"GCOL") + 16
-    raw[first_object + 8 : first_object + 16] = size.to_bytes(8, "little")
-    path.write_bytes(bytes(raw))
-    with h5py.File(path, "r") as f:
-        assert heap_strings(f["s"]) is None
-
-
-def test_collection_beyond_the_end_of_the_file_is_refused(tmp_path):
-    path = tmp_path / "t.h5"
-    _write(path, ["alpha", "beta"])
-    raw = bytearray(path.read_bytes())
-    at = raw.find(b"GCOL")
-    raw[at + 8 : at + 16] = (len(raw) * 4).to_bytes(8, "little")  # a collection larger than the file
+    at, new_bytes = DAMAGE[damage]
+    patch = new_bytes(len(raw))
+    raw[address + at : address + at + len(patch)] = patch
     path.write_bytes(bytes(raw))
     with h5py.File(path, "r") as f:
         assert heap_strings(f["s"]) is None
@@ -131,6 +120,17 @@ def test_files_with_one_gene_list_share_an_index(tmp_path):
         assert sources[2].var_names is not sources[0].var_names
         for src, g in zip(sources, [genes, genes, other, genes[::-1]], strict=True):
             assert src.var_names.tolist() == g
+    finally:
+        close_all(sources)
+
+
+def test_new_gene_lists_are_decoded_like_h5py(tmp_path):
+    genes = ["CD3E", "résumé-1", "基因", "", "IL7R"]
+    sources = as_sources([_h5ad(tmp_path / "u.h5ad", genes)])
+    try:
+        with h5py.File(tmp_path / "u.h5ad", "r") as f:
+            want = [str(v) for v in f["var/_index"].asstr()[()]]
+        assert sources[0].var_names.tolist() == want == genes
     finally:
         close_all(sources)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from _kernel_reference import row_scale, row_statistics
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -40,17 +41,12 @@ def _reference(row_list, col_map, target_sum):
             flags.append(BAD_VALUE)
             continue
         flags.append(0)
-        s = np.float32(0)
-        for x in v:
-            s += x
-        if s <= 0:
+        stats = row_statistics(v, target_sum)
+        if stats is None:
             continue
-        x = v * np.float32(target_sum / s)
-        lx = np.log1p(x).astype(np.float64)
-        xd = x.astype(np.float64)
-        for c, a, b, p, q in zip(col_map[idx], xd, xd**2, lx, lx**2, strict=True):
+        for c, stat in zip(col_map[idx], stats.T, strict=True):
             if c >= 0:
-                sums[c] += (a, b, p, q)
+                sums[c] += stat
     return sums, np.array(flags, dtype=np.uint8)
 
 
@@ -83,10 +79,7 @@ def _transform_reference(row_list, col_map, mean, inv_std, fill, target_sum, max
         flags.append(BAD_VALUE if (~np.isfinite(v) | (v < 0)).any() else 0)
         if flags[-1]:
             continue
-        s = np.float32(0)
-        for x in v:
-            s += x
-        scale = np.float32(target_sum / s) if s > 0 else np.float32(0)
+        scale = row_scale(v, target_sum)
         for c, x in zip(col_map[idx], v, strict=True):
             if 0 <= c < n_out:
                 z = (np.log1p(np.float32(x) * scale) - mean[c]) * inv_std[c]

@@ -169,5 +169,13 @@ class SharedIndexes:
         digest = hashlib.sha1(raw.tobytes() if raw.dtype.kind == "S" else b"\0".join(raw)).digest()
         key = b"raw" + digest
         if key not in self._by_digest:
-            self._by_digest[key] = self.get(read_column(node, 0, node.shape[0], what)[0])
+            self._by_digest[key] = self.get(_decoded(raw, node, what))
         return self._by_digest[key]
+
+
+def _decoded(raw: np.ndarray, node: Any, what: str) -> np.ndarray:
+    """Variable-length strings already read as bytes, decoded as h5py's ``asstr`` decodes them (no second read)."""
+    info = h5py.check_string_dtype(node.dtype)
+    if raw.dtype.kind != "O" or info is None:
+        return read_column(node, 0, node.shape[0], what)[0]
+    return np.array([b.decode(info.encoding) if isinstance(b, bytes) else b for b in raw], dtype=object)
