@@ -53,7 +53,7 @@ def run_once(chunks, cfg: StreamConfig, device: str, n_classes: int, eval_set) -
         train += e["train_seconds"]
         select += e["select_seconds"]
     wall = time.perf_counter() - t0
-    loop.eval_set = (torch.from_numpy(eval_set[0]).to(device), eval_set[1])
+    loop.eval_set = (torch.from_numpy(eval_set[0]).to(device), eval_set[1][:, None])
     final = loop.finish()
     cells = sum(len(c.y) for c in chunks[1:])
     return {"cells_per_s": cells / wall, "train_share": train / wall, "select_share": select / wall,

@@ -138,3 +138,28 @@ def test_corrupt_indptr_asks_for_no_huge_scratch():
     bad = np.zeros(2, np.uint8)
     assert csr_accumulate(data, indices, indptr, col_map, 1e4, acc, bad) == 1
     assert bad.tolist() == [0, 4]
+
+
+def test_transform_csr_refuses_an_out_array_it_would_overrun():
+    """``GeneSpace.transform_csr`` checks ``out`` and ``col_map``: a wrong shape was a segfault, now an error."""
+    import pytest
+
+    from sccoreset.pp import GeneSpace
+
+    gs = GeneSpace(genes=np.array(["a", "b", "c"]), mean=np.zeros(3), std=np.ones(3))
+    data = np.ones(4, np.float32)
+    indices = np.array([0, 1, 2, 0], np.int32)
+    indptr = np.array([0, 2, 4], np.int64)
+    col_map = np.arange(3, dtype=np.int32)
+    good = gs.transform_csr(data, indices, indptr, col_map)
+    assert good.shape == (2, 3)
+    out = np.zeros((2, 3), np.float32)
+    assert gs.transform_csr(data, indices, indptr, col_map, out=out) is out
+    np.testing.assert_array_equal(out, good)
+    for bad_out in (np.zeros((1, 3), np.float32), np.zeros((2, 2), np.float32), np.zeros((2, 3), np.float64),
+                    np.zeros((3, 2), np.float32).T, np.zeros((2, 3), np.float32).tolist()):  # fmt: skip
+        with pytest.raises(ValueError, match="out must be"):
+            gs.transform_csr(data, indices, indptr, col_map, out=bad_out)
+    for bad_map in (np.array([0, 1, 3], np.int32), np.array([0, -2, 1], np.int32), np.zeros(3, np.float32)):
+        with pytest.raises(ValueError, match="col_map"):
+            gs.transform_csr(data, indices, indptr, bad_map)

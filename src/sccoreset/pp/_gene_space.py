@@ -111,6 +111,20 @@ class GeneSpace:
         n = indptr.size - 1
         if out is None:
             out = np.empty((n, self.n_genes), dtype=np.float32)
+        elif (
+            not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (n, self.n_genes)
+            or not out.flags.c_contiguous or not out.flags.writeable
+        ):  # fmt: skip
+            shape = getattr(out, "shape", None)
+            raise ValueError(
+                f"out must be a writeable, C-contiguous float32 array of shape {(n, self.n_genes)} "
+                f"(rows of indptr, genes of the gene space), got {type(out).__name__} {getattr(out, 'dtype', '')} "
+                f"of shape {shape}."
+            )
+        if col_map.ndim != 1 or col_map.dtype.kind not in "iu":
+            raise ValueError(f"col_map must be a 1-D integer array, got {col_map.dtype} of shape {col_map.shape}.")
+        if col_map.size and (int(col_map.max()) >= self.n_genes or int(col_map.min()) < -1):
+            raise ValueError(f"col_map values must lie in [-1, {self.n_genes}) (-1: not on the gene list).")
         bad = np.zeros(n, dtype=np.uint8)
         (csr_transform if parallel else csr_transform_serial)(
             data,
