@@ -90,6 +90,20 @@ def test_parallel_chunks_equal_sequential(files, order, chunk_size):
             _assert_same(_chunks(paths, gs, n_workers=n_workers, prefetch=prefetch, **kw), ref)
 
 
+@pytest.mark.parametrize("block_nnz", [1, 7, 200])
+def test_reading_in_small_blocks_gives_the_same_chunks(files, monkeypatch, block_nnz):
+    """Chunks read and transformed a block of rows at a time (prefetch=0, n_workers>1) equal the whole-segment
+    path (n_workers=1), whatever the block size; files with cells missing a label included."""
+    from sccoreset._io import _source
+
+    paths, gs = files
+    kw = {"chunk_size": 97, "order": "block_shuffle", "block_size": 40}
+    ref = _chunks(paths, gs, n_workers=1, **kw)
+    monkeypatch.setattr(_source, "SUB_BLOCK_NNZ", block_nnz)
+    _assert_same(_chunks(paths, gs, prefetch=0, **kw), ref)
+    _assert_same(_chunks(paths, gs, n_workers=3, **kw), ref)
+
+
 def test_parallel_reads_views_of_backed_data(files):
     paths, gs = files
     backed = ad.read_h5ad(paths[2], backed="r")

@@ -78,3 +78,25 @@ def test_a_truncated_indptr_is_an_error_naming_the_file(tmp_path, stored):
     with pytest.raises(InputError, match=r"short\.h5ad.*(truncated|indptr)"):
         src.read_rows_at(np.array([3, 10, 250, 260]))
     src.close()
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, N_OBS), st.integers(0, N_OBS), st.sampled_from([1, 3, 17, 100, 1 << 17]))
+def test_row_blocks_cover_any_range_exactly(stored, a, b, block_nnz):
+    """``iter_row_blocks`` hands out consecutive blocks that together are exactly rows ``[start, stop)``."""
+    from sccoreset._io._blocks import ReadBuffers
+
+    X, src = stored
+    start, stop = min(a, b), max(a, b)
+    got, pos = [], 0
+    for r0, block in src.iter_row_blocks(start, stop, ReadBuffers(), block_nnz):
+        assert r0 == pos and block.n_rows >= 1
+        # at most block_nnz values, or a single row
+        assert block.indptr[-1] <= block_nnz or block.n_rows == 1
+        got.append(
+            sp.csr_matrix((block.data.copy(), block.indices.copy(), block.indptr.copy()), (block.n_rows, N_GENES))
+        )
+        pos += block.n_rows
+    assert pos == stop - start
+    if got:
+        np.testing.assert_array_equal(sp.vstack(got).toarray(), X[start:stop].toarray())

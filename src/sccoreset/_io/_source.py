@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from ._nodes import (
 from ._obs_rows import UnsupportedEncoding, read_obs_rows
 
 SPAN_DENSITY = 32  # read a whole span when the wanted rows are at least 1 in 32 of it
+SUB_BLOCK_NNZ = 1 << 17  # values per block of iter_row_blocks: data and indices take about 1 MiB
 POINTER_SPAN = 1 << 20  # scattered rows: one indptr read for spans up to this many rows (8 MiB), else per run
 
 
@@ -273,6 +275,68 @@ class Source:
         except (OSError, KeyError, ValueError, TypeError) as e:
             raise InputError(f"{self.name}: cannot read rows {start}-{stop} of {what} ({e}); {_hint(e)}") from e
         return CSRBlock(data, indices, (ptr - lo).astype(np.int64, copy=False))
+
+    def iter_row_blocks(
+        self, start: int, stop: int, buffers: ReadBuffers, block_nnz: int | None = None
+    ) -> Iterator[tuple[int, CSRBlock]]:
+        """Logical rows ``[start, stop)`` as consecutive CSR blocks ``(first row - start, block)``.
+
+        Where positioned reads apply (an uncompressed CSR group of a file, one run of rows), the rows come
+        in blocks of about ``block_nnz`` stored values (default ``SUB_BLOCK_NNZ``), each read into the same reused part of ``buffers``:
+        a caller that consumes every block before asking for the next keeps the data in the CPU's cache
+        instead of going through memory twice. Elsewhere all rows come as one block (:meth:`read_rows`).
+        A block's arrays are overwritten by the next one.
+        """
+        block_nnz = SUB_BLOCK_NNZ if block_nnz is None else block_nnz
+        if stop <= start:
+            return
+        pieces = self._runs(start, stop)
+        if self.adata is not None or len(pieces) != 1:
+            yield 0, self.read_rows(start, stop, buffers)
+            return
+        (first, last), what = pieces[0], self.matrix_name
+        try:
+            with self._lock:
+                x = self._matrix()
+                direct = self._direct_readers(x) if is_group(x) else None
+                if direct is None:
+                    ptr = None
+                else:
+                    ptr = np.asarray(x["indptr"][first : last + 1], dtype=np.int64)
+                    n_stored = min(x["data"].shape[0], x["indices"].shape[0])
+                    if ptr.size != last - first + 1 or ptr[0] < 0 or ptr[-1] > n_stored or (np.diff(ptr) < 0).any():
+                        ptr = None  # a corrupt indptr: read whole, where the errors name the file and row
+                    else:
+                        fd = self._fd
+                        self._busy += 1  # a close() meanwhile waits for these reads
+        except InputError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            raise InputError(f"{self.name}: cannot read rows {first}-{last} of {what} ({e}); {_hint(e)}") from e
+        if ptr is None:  # h5py reads (compressed data, zarr, dense) or a corrupt indptr: one block
+            yield 0, self._read_file_rows(first, last, buffers)
+            return
+        try:
+            n, r0 = ptr.size - 1, 0
+            while r0 < n:  # the most rows holding at most block_nnz values, at least one row
+                r1 = max(r0 + 1, int(np.searchsorted(ptr, ptr[r0] + block_nnz, side="right")) - 1)
+                lo, hi = int(ptr[r0]), int(ptr[r1])
+                buffers.reset()
+                data, indices = buffers.take(hi - lo, direct[0].dtype, direct[1].dtype)
+                try:
+                    direct[0].read_into(fd, lo, hi, data)
+                    direct[1].read_into(fd, lo, hi, indices)
+                except OSError as e:
+                    raise InputError(
+                        f"{self.name}: cannot read rows {first + r0}-{first + r1} of {what} ({e}); {_hint(e)}"
+                    ) from e
+                yield r0, CSRBlock(data, indices, ptr[r0 : r1 + 1] - lo)
+                r0 = r1
+        finally:
+            with self._lock:
+                self._busy -= 1
+                if not self._busy and self._close_pending:
+                    self.close()
 
     def _read_runs_direct(self, pieces: list[tuple[int, int]]) -> CSRBlock | None:
         """Runs ``[lo, hi)`` of file rows of a CSR group by positioned reads (None where h5py must read).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -180,17 +181,11 @@ class ChunkReader:
         for k, (f, start, stop) in enumerate(segments):
             src = self.sources[f]
             block = src.read_rows(start, stop, buffers)
-            seg_rows = src.physical_rows(start, stop)
-            seg_names = src.read_obs_names(start, stop) if self.with_obs_names else np.full(seg_rows.size, None)
-            if self.label_key is not None:
-                seg_labels, missing, key = self._read_labels(src, start, stop)
-                if missing.any():
-                    if self.missing_labels == "error":
-                        raise missing_labels_error(src, key, missing, seg_rows)
-                    keep = ~missing
-                    n_skipped += int(missing.sum())
-                    block = take_rows(block, keep)
-                    seg_rows, seg_names, seg_labels = seg_rows[keep], seg_names[keep], seg_labels[keep]
+            seg_rows, seg_names, seg_labels, keep = self._segment_meta(src, start, stop)
+            if keep is not None:
+                n_skipped += int(keep.size - keep.sum())
+                block = take_rows(block, keep)
+            if seg_labels is not None:
                 labels.append(seg_labels)
             blocks.append((f, block))
             rows.append(seg_rows)
@@ -200,6 +195,71 @@ class ChunkReader:
         return _RawChunk(
             index, blocks, buffers, _cat(labels, object) if self.label_key is not None else None,
             _cat(file_index, np.int32), _cat(rows, np.int64), _cat(names, object), time.perf_counter() - t0, n_skipped,
+        )  # fmt: skip
+
+    def _segment_meta(self, src: Source, start: int, stop: int):
+        """Rows ``[start, stop)``: file rows, obs names and labels of the cells kept, and the keep mask.
+
+        The mask is None when every cell is kept; cells missing a label are dropped (skip) or raise (error).
+        """
+        seg_rows = src.physical_rows(start, stop)
+        seg_names = src.read_obs_names(start, stop) if self.with_obs_names else np.full(seg_rows.size, None)
+        if self.label_key is None:
+            return seg_rows, seg_names, None, None
+        seg_labels, missing, key = self._read_labels(src, start, stop)
+        if not missing.any():
+            return seg_rows, seg_names, seg_labels, None
+        if self.missing_labels == "error":
+            raise missing_labels_error(src, key, missing, seg_rows)
+        keep = ~missing
+        return seg_rows[keep], seg_names[keep], seg_labels[keep], keep
+
+    def read_transformed(self, index: int, segments: Sequence[Segment], buffers: ReadBuffers) -> Chunk:
+        """Read and transform one chunk in the calling thread, a block of rows at a time.
+
+        Each block of about a MiB of stored values is transformed as soon as it is read, while it is still
+        in the CPU's cache (:meth:`Source.iter_row_blocks`): the counts go through memory once instead of
+        being written whole and read back, which is what limits several reading threads.
+        """
+        pending = {f for f, _, _ in segments}
+        last = {f: k for k, (f, _, _) in enumerate(segments)}
+        self._open.begin(pending)
+        try:
+            t0 = time.perf_counter()
+            metas = [self._segment_meta(self.sources[f], start, stop) for f, start, stop in segments]
+            X = self._outputs.empty((sum(m[0].size for m in metas), self.gene_space.n_genes))
+            transform_seconds, pos = 0.0, 0
+            for k, ((f, start, stop), (seg_rows, _, _, keep)) in enumerate(zip(segments, metas, strict=True)):
+                src = self.sources[f]
+                col_map = self.col_map(f)
+                if keep is None:
+                    parts = contextlib.closing(src.iter_row_blocks(start, stop, buffers))
+                else:  # cells without a label: the segment whole, then its labelled rows
+                    buffers.reset()
+                    parts = contextlib.nullcontext([(0, take_rows(src.read_rows(start, stop, buffers), keep))])
+                with parts as blocks:
+                    for r0, block in blocks:
+                        t1 = time.perf_counter()
+                        at = pos + r0
+                        self.gene_space._transform_into(
+                            block.data, block.indices, block.indptr, col_map, X[at : at + block.n_rows], src.name,
+                            0, seg_rows[r0 : r0 + block.n_rows], src.matrix_name, False,
+                        )  # fmt: skip
+                        transform_seconds += time.perf_counter() - t1
+                pos += seg_rows.size
+                if last[f] == k:  # its last segment of this chunk is in memory: it may be closed
+                    pending.discard(f)
+                    self._open.end([f])
+        finally:
+            self._open.end(pending)
+        labels = [m[2] for m in metas]
+        n_skipped = sum(0 if m[3] is None else int(m[3].size - m[3].sum()) for m in metas)
+        return Chunk(
+            index, X, _cat(labels, object) if self.label_key is not None else None,
+            _cat([np.full(m[0].size, f, dtype=np.int32) for (f, _, _), m in zip(segments, metas, strict=True)],
+                 np.int32),
+            _cat([m[0] for m in metas], np.int64), _cat([m[1] for m in metas], object), [s.name for s in self.sources],
+            time.perf_counter() - t0 - transform_seconds, transform_seconds, n_skipped,
         )  # fmt: skip
 
     def _read_labels(self, src: Source, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -232,7 +292,7 @@ class ChunkReader:
 
     def read(self, index: int, segments: Sequence[Segment]) -> Chunk:
         """Read and transform one chunk in the calling thread."""
-        return self.transform(self.read_raw(index, segments, ReadBuffers()))
+        return self.read_transformed(index, segments, ReadBuffers())
 
     def iterate(self, plan: Sequence[Sequence[Segment]], *, start: int = 0, prefetch: int = 1) -> Iterator[Chunk]:
         """Chunks ``start, start + 1, ...`` of ``plan``, in order, read ahead in background threads.
@@ -244,7 +304,7 @@ class ChunkReader:
         if prefetch <= 0:
             buffers = ReadBuffers()
             for i in range(start, len(plan)):
-                yield self.transform(self.read_raw(i, plan[i], buffers))
+                yield self.read_transformed(i, plan[i], buffers)
             return
         self._outputs.max_tracked = max(self._outputs.max_tracked, prefetch + self.n_workers + 2)
         if self.n_workers > 1:
@@ -298,7 +358,7 @@ class ChunkReader:
 
         def one(i: int, buffers: ReadBuffers) -> Chunk:
             try:
-                return self.transform(self.read_raw(i, plan[i], buffers), parallel=False)
+                return self.read_transformed(i, plan[i], buffers)
             finally:
                 with lock:
                     remaining.subtract(files_of[i])

@@ -125,6 +125,11 @@ class GeneSpace:
             raise ValueError(f"col_map must be a 1-D integer array, got {col_map.dtype} of shape {col_map.shape}.")
         if col_map.size and (int(col_map.max()) >= self.n_genes or int(col_map.min()) < -1):
             raise ValueError(f"col_map values must lie in [-1, {self.n_genes}) (-1: not on the gene list).")
+        return self._transform_into(data, indices, indptr, col_map, out, source, row_offset, rows, what, parallel)
+
+    def _transform_into(self, data, indices, indptr, col_map, out, source, row_offset, rows, what, parallel):
+        """:meth:`transform_csr` without its argument checks, for callers whose ``out`` and ``col_map`` are right."""
+        n = indptr.size - 1
         bad = np.zeros(n, dtype=np.uint8)
         (csr_transform if parallel else csr_transform_serial)(
             data,
