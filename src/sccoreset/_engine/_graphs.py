@@ -37,7 +37,7 @@ class GraphedTrainer:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer,
         *,
         capacity: int,
         n_features: int,
