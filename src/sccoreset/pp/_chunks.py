@@ -217,9 +217,10 @@ class ChunkReader:
     def read_transformed(self, index: int, segments: Sequence[Segment], buffers: ReadBuffers) -> Chunk:
         """Read and transform one chunk in the calling thread, a block of rows at a time.
 
-        Each block of about a MiB of stored values is transformed as soon as it is read, while it is still
-        in the CPU's cache (:meth:`Source.iter_row_blocks`): the counts go through memory once instead of
-        being written whole and read back, which is what limits several reading threads.
+        Each block of at most 2**20 stored values (8 MiB, :meth:`Source.iter_row_blocks`) is transformed as
+        soon as it is read, so a reading thread holds one block instead of a whole chunk's counts (about
+        180 MB for 10,000 cells of 2,200 stored values each). Smaller blocks pay more Python (and GIL) per
+        value: with 16 threads, blocks of 2**17 values read at two thirds of the speed of 2**20.
         """
         pending = {f for f, _, _ in segments}
         last = {f: k for k, (f, _, _) in enumerate(segments)}
