@@ -195,10 +195,12 @@ class GraphedTrainer:
         is_buffer: torch.Tensor,
         weights: np.ndarray | None = None,
         n_max: int | None = None,
+        while_training=None,
     ) -> tuple[Dynamics, list[float]]:
         """Epochs on the merged set ``X`` with host ``targets`` ``(n, n_tasks)``, as :func:`train_epochs`.
 
         Under DDP ``n_max`` is the largest ``n`` of all ranks: every rank replays as many minibatches as it needs.
+        ``while_training`` is called once every epoch has been launched, before waiting for them.
         """
         n = int(targets.shape[0])
         if max(n, n_max or 0) > self.pad_row:  # the last row is the padding row: never a cell
@@ -229,4 +231,6 @@ class GraphedTrainer:
                 self._run_epoch(n_steps)
             self.dyn.end_epoch(self.y[:n])
             losses[e] = self.loss_acc
+        if while_training is not None:
+            while_training()
         return self.dyn.head(n), (losses / max(n, 1)).tolist()

@@ -121,6 +121,9 @@ class StreamLoop:
             )
         self.buffer: Buffer | None = None
         self._graphed: GraphedTrainer | None = None
+        self._ahead = None  # the next chunk, fetched while the GPU trained: (chunk, wait, (features, copy event))
+        self._ahead_wait = 0.0
+        self._copy_stream = None
         if resume is None:
             # every rank draws the same seeds from rng (selection stays identical) and offsets them by its rank
             torch.manual_seed(int(rng.integers(2**62)) + self.rank)
@@ -144,21 +147,60 @@ class StreamLoop:
 
     # -- one step ---------------------------------------------------------------------------------
     def steps(self, chunks: Iterable[ChunkData]) -> Iterator[StepEvent]:
-        """One event per chunk: merge with the buffer, train, select the next buffer, evaluate."""
+        """One event per chunk: merge with the buffer, train, select the next buffer, evaluate.
+
+        With CUDA graphs in one process, the next chunk is taken from ``chunks`` and copied to the GPU while
+        the GPU trains on the current one, so neither the wait for it nor its upload idles the GPU.
+        """
         it = iter(chunks)
+        look_ahead = self.use_graphs and self.world == 1
+        self._ahead = None
         while True:
-            t0 = time.perf_counter()
-            chunk = next(it, None)
-            wait = time.perf_counter() - t0
+            if self._ahead is not None:
+                chunk, wait, uploaded = self._ahead
+                self._ahead = None
+            else:
+                t0 = time.perf_counter()
+                chunk = next(it, None)
+                wait, uploaded = time.perf_counter() - t0, None
             if chunk is None:
                 return
-            yield self.process(chunk, wait)
+            yield self.process(chunk, wait, uploaded=uploaded, upcoming=it if look_ahead else None)
 
-    def process(self, chunk: ChunkData, wait: float = 0.0) -> StepEvent:
-        """One step on ``chunk`` (this rank's share of it under DDP)."""
+    def _fetch_ahead(self, upcoming: Iterator[ChunkData]) -> None:
+        """Take the next chunk now and start its copy to the GPU on a side stream (called while the GPU trains)."""
+        t0 = time.perf_counter()
+        chunk = next(upcoming, None)
+        wait = time.perf_counter() - t0
+        uploaded = None
+        if chunk is not None:
+            host = torch.from_numpy(chunk.X)
+            if host.is_pinned():  # else the copy would block: leave it to the step
+                if self._copy_stream is None:
+                    self._copy_stream = torch.cuda.Stream(self.device)
+                with torch.cuda.stream(self._copy_stream):
+                    X = host.to(self.device, non_blocking=True)
+                uploaded = (X, self._copy_stream.record_event())
+        self._ahead = (chunk, wait, uploaded)
+        self._ahead_wait += wait
+
+    def process(
+        self, chunk: ChunkData, wait: float = 0.0, *, uploaded=None, upcoming: Iterator[ChunkData] | None = None
+    ) -> StepEvent:
+        """One step on ``chunk`` (this rank's share of it under DDP).
+
+        ``uploaded``: the chunk's features already copied to the GPU (by :meth:`_fetch_ahead`). ``upcoming``:
+        the rest of the stream, whose next chunk is fetched while the GPU trains.
+        """
         cfg = self.cfg
         t1 = time.perf_counter()
-        chunk_X = to_device(torch.from_numpy(chunk.X), self.device)
+        self._ahead_wait = 0.0
+        if uploaded is not None:
+            chunk_X, copied = uploaded
+            torch.cuda.current_stream(self.device).wait_event(copied)
+            chunk_X.record_stream(torch.cuda.current_stream(self.device))  # allocated on the copy stream
+        else:
+            chunk_X = to_device(torch.from_numpy(chunk.X), self.device)
         if self.buffer is None:
             self.buffer = Buffer.empty(chunk.X.shape[1], self.n_logits, chunk.provenance, self.device,
                                        n_tasks=self.objective.n_tasks)  # fmt: skip
@@ -172,7 +214,9 @@ class StreamLoop:
         targets = np.concatenate([bt, chunk.targets])
         if self.regularizer is not None:  # the buffer is the episodic memory: cells of earlier steps
             self.regularizer.begin_step(self.model, bX, to_device(torch.from_numpy(bt), self.device), self.generator)
-        dyn, losses = self._train(X, targets, np.concatenate([by, chunk.y]), cfg.epochs_per_step, stored, is_buffer)
+        fetch = None if upcoming is None else (lambda: self._fetch_ahead(upcoming))
+        dyn, losses = self._train(X, targets, np.concatenate([by, chunk.y]), cfg.epochs_per_step, stored, is_buffer,
+                                  while_training=fetch)  # fmt: skip
         local_stats = dyn.to_numpy()  # the one synchronisation of the step's training
         if self.regularizer is not None:
             t_dev = to_device(torch.from_numpy(targets), self.device)
@@ -220,7 +264,9 @@ class StreamLoop:
         )
         t3 = time.perf_counter()
         event = self._event(self.step, new, losses)
-        event.update(n_local=len(chunk.y), wait_seconds=wait, train_seconds=t2 - t1, select_seconds=t3 - t2,
+        # the next chunk's wait, fetched while the GPU trained, is counted in its own step, not in training
+        event.update(n_local=len(chunk.y), wait_seconds=wait, train_seconds=t2 - t1 - self._ahead_wait,
+                     select_seconds=t3 - t2,
                      eval_seconds=time.perf_counter() - t3)  # fmt: skip
         self.step += 1
         return event
@@ -280,17 +326,17 @@ class StreamLoop:
         event.update(wait_seconds=0.0, train_seconds=time.perf_counter() - t0, select_seconds=0.0, eval_seconds=0.0)
         return event
 
-    def _train(self, X, targets: np.ndarray, budget: np.ndarray, epochs: int, stored, is_buffer):
+    def _train(self, X, targets: np.ndarray, budget: np.ndarray, epochs: int, stored, is_buffer, while_training=None):
         """Epochs on the merged set: through a CUDA graph on a GPU, else eagerly (same loss, same orders)."""
         tf32 = self.device.type == "cuda" and self.cfg.tf32
         before = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = before or tf32
         try:
-            return self._train_epochs(X, targets, budget, epochs, stored, is_buffer)
+            return self._train_epochs(X, targets, budget, epochs, stored, is_buffer, while_training)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = before
 
-    def _train_epochs(self, X, targets, budget, epochs, stored, is_buffer):
+    def _train_epochs(self, X, targets, budget, epochs, stored, is_buffer, while_training=None):
         cfg = self.cfg
         objective = self.objective
         # class weights from the host labels (under DDP from the whole merged set, the same on every rank):
@@ -311,7 +357,7 @@ class StreamLoop:
         if self._graphed is not None:
             return self._graphed.train(
                 X, targets, epochs=epochs, generator=self.generator, stored_logits=stored, is_buffer=is_buffer,
-                weights=weights, n_max=n_max,
+                weights=weights, n_max=n_max, while_training=while_training,
             )  # fmt: skip
         return train_epochs(
             self.net, self.optimizer, X, to_device(torch.from_numpy(targets), self.device),
