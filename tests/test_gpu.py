@@ -154,3 +154,22 @@ def test_two_gpu_ranks_cuda_graphs_agree_with_eager_ddp(small_stream, small_gene
         assert r0[key]["pred"] == r1[key]["pred"]  # the ranks' weights stayed identical
         assert np.isfinite(r0[key]["loss"]).all()
     assert abs(r0["True"]["f1"] - r0["False"]["f1"]) <= 0.05, (r0["True"]["f1"], r0["False"]["f1"])
+
+
+def test_fetching_the_next_chunk_during_training_changes_nothing(small_stream, small_gene_space, monkeypatch):
+    """The next chunk is fetched and copied to the GPU while the GPU trains: the run equals a chunk-by-chunk one."""
+    from sccoreset._engine._loop import StreamLoop
+
+    fetched = []
+    original = StreamLoop._fetch_ahead
+    monkeypatch.setattr(StreamLoop, "_fetch_ahead", lambda self, it: (fetched.append(1), original(self, it)))
+    kw = dict(gene_space=small_gene_space, device="cuda", random_state=3, **KW)
+    ahead = scc.tl.stream_train(small_stream.files, "cell_type", **kw)
+    n_steps = len(ahead.uns["sccoreset"]["history"]["step"])
+    assert len(fetched) == n_steps  # every step fetched the next chunk (the last one found none)
+    monkeypatch.setattr(StreamLoop, "look_ahead", False)
+    plain = scc.tl.stream_train(small_stream.files, "cell_type", **kw)
+    assert len(fetched) == n_steps
+    assert list(ahead.obs_names) == list(plain.obs_names)
+    for key in ("train_loss", "n_chunk"):
+        np.testing.assert_array_equal(ahead.uns["sccoreset"]["history"][key], plain.uns["sccoreset"]["history"][key])

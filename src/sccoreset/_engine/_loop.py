@@ -73,6 +73,8 @@ class StreamLoop:
         A :meth:`state` to continue from (the model's weights restored by the caller).
     """
 
+    look_ahead = True  # on a GPU, fetch and upload the next chunk while training (tests turn it off)
+
     def __init__(
         self,
         model: nn.Module,
@@ -153,7 +155,7 @@ class StreamLoop:
         the GPU trains on the current one, so neither the wait for it nor its upload idles the GPU.
         """
         it = iter(chunks)
-        look_ahead = self.use_graphs and self.world == 1
+        look_ahead = self.look_ahead and self.use_graphs and self.world == 1
         self._ahead = None
         while True:
             if self._ahead is not None:
