@@ -161,6 +161,8 @@ class StreamLoop:
             if self._ahead is not None:
                 chunk, wait, uploaded = self._ahead
                 self._ahead = None
+                if isinstance(chunk, Exception):  # reading it failed during the step before, which is complete
+                    raise chunk
             else:
                 t0 = time.perf_counter()
                 chunk = next(it, None)
@@ -172,7 +174,11 @@ class StreamLoop:
     def _fetch_ahead(self, upcoming: Iterator[ChunkData]) -> None:
         """Take the next chunk now and start its copy to the GPU on a side stream (called while the GPU trains)."""
         t0 = time.perf_counter()
-        chunk = next(upcoming, None)
+        try:
+            chunk = next(upcoming, None)
+        except Exception as error:  # noqa: BLE001 - re-raised where the stream asks for this chunk
+            self._ahead = (error, time.perf_counter() - t0, None)
+            return
         wait = time.perf_counter() - t0
         uploaded = None
         if chunk is not None:
