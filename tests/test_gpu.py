@@ -160,13 +160,20 @@ def test_fetching_the_next_chunk_during_training_changes_nothing(small_stream, s
     """The next chunk is fetched and copied to the GPU while the GPU trains: the run equals a chunk-by-chunk one."""
     from sccoreset._engine._loop import StreamLoop
 
-    fetched = []
+    fetched, uploads = [], []
     original = StreamLoop._fetch_ahead
-    monkeypatch.setattr(StreamLoop, "_fetch_ahead", lambda self, it: (fetched.append(1), original(self, it)))
+
+    def spy(self, it):
+        fetched.append(1)
+        original(self, it)
+        uploads.append(self._ahead[0] is not None and self._ahead[2] is not None)
+
+    monkeypatch.setattr(StreamLoop, "_fetch_ahead", spy)
     kw = dict(gene_space=small_gene_space, device="cuda", random_state=3, **KW)
     ahead = scc.tl.stream_train(small_stream.files, "cell_type", **kw)
     n_steps = len(ahead.uns["sccoreset"]["history"]["step"])
     assert len(fetched) == n_steps  # every step fetched the next chunk (the last one found none)
+    assert uploads == [True] * (n_steps - 1) + [False]  # ... and started its copy to the GPU (pinned memory)
     monkeypatch.setattr(StreamLoop, "look_ahead", False)
     plain = scc.tl.stream_train(small_stream.files, "cell_type", **kw)
     assert len(fetched) == n_steps

@@ -289,3 +289,30 @@ def test_categorical_labels_are_read_once_per_file(files):
         assert [None if m else v for v, m in zip(values, missing, strict=True)] == [
             None if pd.isna(w) else w for w in want
         ]
+
+
+@pytest.mark.parametrize("storage", ["gzip", "zarr", "plain"])
+def test_read_buffers_stay_one_segment_large(files, tmp_path, storage):
+    """Chunk after chunk, a thread's read buffers hold one segment, whatever the storage (h5py, zarr, positioned
+    reads): they must not grow with the stream."""
+    from sccoreset._io._blocks import ReadBuffers
+
+    paths, gs = files
+    a = ad.read_h5ad(paths[1])  # 75 cells, every one labelled
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if storage == "zarr":
+            path = tmp_path / "c.zarr"
+            a.write_zarr(path)
+        else:
+            path = tmp_path / "c.h5ad"
+            a.write_h5ad(path, compression="gzip" if storage == "gzip" else None)
+    nnz = np.diff(a.X.indptr)
+    buffers = ReadBuffers()
+    with open_sources([path]) as sources:
+        reader = ChunkReader(sources, gs, "label")
+        for k in range(60):  # 60 chunks of 5 rows each, read again and again
+            lo = (5 * k) % 70
+            reader.read_transformed(k, [(0, lo, lo + 5)], buffers)
+    biggest = max(nnz[lo : lo + 5].sum() for lo in range(0, 71))
+    assert all(arr.size <= 2 * biggest + 1024 for arr in buffers._arrays.values())

@@ -89,7 +89,7 @@ class FusedAdamW:
 
     def _tensor_lists(self, with_grad: list[torch.Tensor]):
         """Parameters, gradients and moments for the kernel: on a GPU, large tensors as slices of ``SLICE``."""
-        key = tuple((id(p), p.grad.data_ptr()) for p in with_grad)
+        key = tuple((id(p), p.data_ptr(), p.grad.data_ptr()) for p in with_grad)
         if self._lists is not None and self._lists[0] == key:
             return self._lists[1]
         out: tuple[list, list, list, list, list] = ([], [], [], [], [])
@@ -108,7 +108,8 @@ class FusedAdamW:
                 for lst, t in zip(out, tensors, strict=False):
                     lst.append(t)
                 out[4].append(st["step"])
-        self._lists = (key, out)
+        if all(p.is_cuda for p in with_grad):  # graphs reuse the same tensors; eager steps get new gradients
+            self._lists = (key, out)
         return out
 
     @torch.no_grad()

@@ -157,19 +157,22 @@ class StreamLoop:
         it = iter(chunks)
         look_ahead = self.look_ahead and self.use_graphs and self.world == 1
         self._ahead = None
-        while True:
-            if self._ahead is not None:
-                chunk, wait, uploaded = self._ahead
-                self._ahead = None
-                if isinstance(chunk, Exception):  # reading it failed during the step before, which is complete
-                    raise chunk
-            else:
-                t0 = time.perf_counter()
-                chunk = next(it, None)
-                wait, uploaded = time.perf_counter() - t0, None
-            if chunk is None:
-                return
-            yield self.process(chunk, wait, uploaded=uploaded, upcoming=it if look_ahead else None)
+        try:
+            while True:
+                if self._ahead is not None:
+                    chunk, wait, uploaded = self._ahead
+                    self._ahead = None
+                    if isinstance(chunk, Exception):  # reading it failed during the step before, which is complete
+                        raise chunk
+                else:
+                    t0 = time.perf_counter()
+                    chunk = next(it, None)
+                    wait, uploaded = time.perf_counter() - t0, None
+                if chunk is None:
+                    return
+                yield self.process(chunk, wait, uploaded=uploaded, upcoming=it if look_ahead else None)
+        finally:  # stopped early: a chunk fetched ahead frees its host and GPU memory
+            self._ahead = None
 
     def _fetch_ahead(self, upcoming: Iterator[ChunkData]) -> None:
         """Take the next chunk now and start its copy to the GPU on a side stream (called while the GPU trains)."""
@@ -181,14 +184,16 @@ class StreamLoop:
             return
         wait = time.perf_counter() - t0
         uploaded = None
-        if chunk is not None:
-            host = torch.from_numpy(chunk.X)
-            if host.is_pinned():  # else the copy would block: leave it to the step
+        try:
+            host = None if chunk is None else torch.from_numpy(chunk.X)
+            if host is not None and host.is_pinned():  # else the copy would block: leave it to the step
                 if self._copy_stream is None:
                     self._copy_stream = torch.cuda.Stream(self.device)
                 with torch.cuda.stream(self._copy_stream):
                     X = host.to(self.device, non_blocking=True)
                 uploaded = (X, self._copy_stream.record_event())
+        except Exception:  # noqa: BLE001 - e.g. out of GPU memory: the step uploads it itself (and reports it)
+            uploaded = None
         self._ahead = (chunk, wait, uploaded)
         self._ahead_wait += wait
 

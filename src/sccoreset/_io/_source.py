@@ -287,13 +287,14 @@ class Source:
         asking for the next needs a buffer of one block (8 MiB) instead of a whole chunk's rows (about 180 MB
         for 10,000 cells), which is cheaper to fault in and stays warmer in the CPU's caches. Elsewhere all
         rows come as one block (:meth:`read_rows`).
-        A block's arrays are overwritten by the next one.
+        Every block reuses ``buffers`` from its start: a block's arrays are overwritten by the next one.
         """
         block_nnz = SUB_BLOCK_NNZ if block_nnz is None else block_nnz
         if stop <= start:
             return
         pieces = self._runs(start, stop)
         if self.adata is not None or len(pieces) != 1:
+            buffers.reset()
             yield 0, self.read_rows(start, stop, buffers)
             return
         (first, last), what = pieces[0], self.matrix_name
@@ -316,6 +317,7 @@ class Source:
         except (OSError, KeyError, ValueError, TypeError) as e:
             raise InputError(f"{self.name}: cannot read rows {first}-{last} of {what} ({e}); {_hint(e)}") from e
         if ptr is None:  # h5py reads (compressed data, zarr, dense) or a corrupt indptr: one block
+            buffers.reset()
             yield 0, self._read_file_rows(first, last, buffers)
             return
         try:

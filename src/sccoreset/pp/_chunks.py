@@ -214,7 +214,9 @@ class ChunkReader:
         keep = ~missing
         return seg_rows[keep], seg_names[keep], seg_labels[keep], keep
 
-    def read_transformed(self, index: int, segments: Sequence[Segment], buffers: ReadBuffers) -> Chunk:
+    def read_transformed(
+        self, index: int, segments: Sequence[Segment], buffers: ReadBuffers, *, parallel: bool = False
+    ) -> Chunk:
         """Read and transform one chunk in the calling thread, a block of rows at a time.
 
         Each block of at most 2**20 stored values (8 MiB, :meth:`Source.iter_row_blocks`) is transformed as
@@ -233,10 +235,10 @@ class ChunkReader:
             for k, ((f, start, stop), (seg_rows, _, _, keep)) in enumerate(zip(segments, metas, strict=True)):
                 src = self.sources[f]
                 col_map = self.col_map(f)
+                buffers.reset()  # the segment before is transformed: its buffer space is free again
                 if keep is None:
                     parts = contextlib.closing(src.iter_row_blocks(start, stop, buffers))
                 else:  # cells without a label: the segment whole, then its labelled rows
-                    buffers.reset()
                     parts = contextlib.nullcontext([(0, take_rows(src.read_rows(start, stop, buffers), keep))])
                 with parts as blocks:
                     for r0, block in blocks:
@@ -244,7 +246,7 @@ class ChunkReader:
                         at = pos + r0
                         self.gene_space._transform_into(
                             block.data, block.indices, block.indptr, col_map, X[at : at + block.n_rows], src.name,
-                            0, seg_rows[r0 : r0 + block.n_rows], src.matrix_name, False,
+                            0, seg_rows[r0 : r0 + block.n_rows], src.matrix_name, parallel,
                         )  # fmt: skip
                         transform_seconds += time.perf_counter() - t1
                 pos += seg_rows.size
@@ -293,7 +295,7 @@ class ChunkReader:
 
     def read(self, index: int, segments: Sequence[Segment]) -> Chunk:
         """Read and transform one chunk in the calling thread."""
-        return self.read_transformed(index, segments, ReadBuffers())
+        return self.read_transformed(index, segments, ReadBuffers(), parallel=True)
 
     def iterate(self, plan: Sequence[Sequence[Segment]], *, start: int = 0, prefetch: int = 1) -> Iterator[Chunk]:
         """Chunks ``start, start + 1, ...`` of ``plan``, in order, read ahead in background threads.
@@ -305,7 +307,7 @@ class ChunkReader:
         if prefetch <= 0:
             buffers = ReadBuffers()
             for i in range(start, len(plan)):
-                yield self.read_transformed(i, plan[i], buffers)
+                yield self.read_transformed(i, plan[i], buffers, parallel=True)
             return
         self._outputs.max_tracked = max(self._outputs.max_tracked, prefetch + self.n_workers + 2)
         if self.n_workers > 1:
