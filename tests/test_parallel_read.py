@@ -302,6 +302,7 @@ def test_read_buffers_stay_one_segment_large(files, tmp_path, storage):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if storage == "zarr":
+            pytest.importorskip("zarr")
             path = tmp_path / "c.zarr"
             a.write_zarr(path)
         else:
