@@ -266,10 +266,7 @@ class Source:
                     direct[0].read_into(fd, lo, hi, data)
                     direct[1].read_into(fd, lo, hi, indices)
                 finally:
-                    with self._lock:
-                        self._busy -= 1
-                        if not self._busy and self._close_pending:
-                            self.close()
+                    self._reads_done()
         except InputError:
             raise
         except (OSError, KeyError, ValueError, TypeError) as e:
@@ -337,10 +334,14 @@ class Source:
                 yield r0, CSRBlock(data, indices, ptr[r0 : r1 + 1] - lo)
                 r0 = r1
         finally:
-            with self._lock:
-                self._busy -= 1
-                if not self._busy and self._close_pending:
-                    self.close()
+            self._reads_done()
+
+    def _reads_done(self) -> None:
+        """Positioned reads started under ``_busy`` are over: a close asked for meanwhile happens now."""
+        with self._lock:
+            self._busy -= 1
+            if not self._busy and self._close_pending:
+                self.close()
 
     def _read_runs_direct(self, pieces: list[tuple[int, int]]) -> CSRBlock | None:
         """Runs ``[lo, hi)`` of file rows of a CSR group by positioned reads (None where h5py must read).

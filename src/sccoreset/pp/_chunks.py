@@ -157,21 +157,31 @@ class ChunkReader:
                 self._col_maps[key] = self.gene_space.column_map(src.var_names, source=src.name)
             return self._col_maps[key]
 
-    def read_raw(self, index: int, segments: Sequence[Segment], buffers: ReadBuffers) -> _RawChunk:
-        """Read the segments' rows; cells with a missing label are dropped here (skip) or raise (error)."""
+    @contextlib.contextmanager
+    def _files_in_use(self, segments: Sequence[Segment]):
+        """Hold the segments' files open while a chunk is read.
+
+        Yields ``done(k, f)``, to call once segment ``k`` of file ``f`` is in memory: after a file's last
+        segment of the chunk, the file may be closed.
+        """
         pending = {f for f, _, _ in segments}
         last = {f: k for k, (f, _, _) in enumerate(segments)}
         self._open.begin(pending)
 
-        def done(k: int, f: int) -> None:  # a file's last segment of this chunk is in memory: it may be closed
+        def done(k: int, f: int) -> None:
             if last[f] == k:
                 pending.discard(f)
                 self._open.end([f])
 
         try:
-            return self._read_raw(index, segments, buffers, done)
+            yield done
         finally:
             self._open.end(pending)
+
+    def read_raw(self, index: int, segments: Sequence[Segment], buffers: ReadBuffers) -> _RawChunk:
+        """Read the segments' rows; cells with a missing label are dropped here (skip) or raise (error)."""
+        with self._files_in_use(segments) as done:
+            return self._read_raw(index, segments, buffers, done)
 
     def _read_raw(self, index: int, segments: Sequence[Segment], buffers: ReadBuffers, done) -> _RawChunk:
         t0 = time.perf_counter()
@@ -224,10 +234,7 @@ class ChunkReader:
         180 MB for 10,000 cells of 2,200 stored values each). Smaller blocks pay more Python (and GIL) per
         value: with 16 threads, blocks of 2**17 values read at two thirds of the speed of 2**20.
         """
-        pending = {f for f, _, _ in segments}
-        last = {f: k for k, (f, _, _) in enumerate(segments)}
-        self._open.begin(pending)
-        try:
+        with self._files_in_use(segments) as done:
             t0 = time.perf_counter()
             metas = [self._segment_meta(self.sources[f], start, stop) for f, start, stop in segments]
             X = self._outputs.empty((sum(m[0].size for m in metas), self.gene_space.n_genes))
@@ -235,10 +242,10 @@ class ChunkReader:
             for k, ((f, start, stop), (seg_rows, _, _, keep)) in enumerate(zip(segments, metas, strict=True)):
                 src = self.sources[f]
                 col_map = self.col_map(f)
-                buffers.reset()  # the segment before is transformed: its buffer space is free again
-                if keep is None:
+                if keep is None:  # each block reuses buffers from their start
                     parts = contextlib.closing(src.iter_row_blocks(start, stop, buffers))
                 else:  # cells without a label: the segment whole, then its labelled rows
+                    buffers.reset()  # the segment before is transformed: its buffer space is free again
                     parts = contextlib.nullcontext([(0, take_rows(src.read_rows(start, stop, buffers), keep))])
                 with parts as blocks:
                     for r0, block in blocks:
@@ -250,11 +257,7 @@ class ChunkReader:
                         )  # fmt: skip
                         transform_seconds += time.perf_counter() - t1
                 pos += seg_rows.size
-                if last[f] == k:  # its last segment of this chunk is in memory: it may be closed
-                    pending.discard(f)
-                    self._open.end([f])
-        finally:
-            self._open.end(pending)
+                done(k, f)
         labels = [m[2] for m in metas]
         n_skipped = sum(0 if m[3] is None else int(m[3].size - m[3].sum()) for m in metas)
         return Chunk(
