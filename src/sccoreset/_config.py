@@ -180,6 +180,14 @@ class StreamConfig:
         "10-bit mantissa products, float32 sums). The global setting is restored afterwards.",
         compared=False,
     )
+    cpu_bf16: bool = _opt(
+        True,
+        "On a CPU that multiplies bfloat16 natively (AVX512-BF16 or AMX), run the training step's forward pass "
+        "under bfloat16 autocast (matrix products 3-4 times faster; float32 weights, gradients, optimizer and "
+        "sums); no effect on other CPUs or on a GPU. Results then differ slightly between such CPUs and others; "
+        "the precision used is recorded in ``uns['sccoreset']['params']['precision']``.",
+        compared=False,
+    )
     compile: bool = _opt(
         False,
         "On a GPU, fuse the step's elementwise work with torch.compile (about a minute of compilation at the start).",
@@ -267,7 +275,7 @@ class StreamConfig:
         check_choice("missing_labels", self.missing_labels, MissingLabels)
         check_choice("regularizer", self.regularizer, Regularizer)
         check_choice("genes", self.genes, Genes)
-        for name in ("balance_loss", "resume", "progress", "cuda_graphs", "compile", "tf32"):
+        for name in ("balance_loss", "resume", "progress", "cuda_graphs", "compile", "tf32", "cpu_bf16"):
             if not isinstance(getattr(self, name), bool | np.bool_):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         rs = self.random_state

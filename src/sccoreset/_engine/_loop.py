@@ -25,6 +25,7 @@ from ._events import StepEvent
 from ._graphs import GraphedTrainer
 from ._metrics import classification_metrics
 from ._objective import Objective, as_targets
+from ._precision import training_precision
 from ._selection import select
 from ._train import make_optimizer, predict_logits, to_device, train_epochs
 
@@ -111,6 +112,7 @@ class StreamLoop:
         else:  # DDP over the ranks, or the model itself
             self.net = wrap_ddp(self.model, self.device)
         self.optimizer = make_optimizer(self.model, cfg.lr)
+        self.precision = training_precision(self.device, cfg.cpu_bf16)  # what the eager step multiplies in
         self.objective = Objective(task_sizes or [n_classes], balance_loss=cfg.balance_loss, loss=cfg.loss)
         self.n_logits = self.objective.n_logits
         self.generator = torch.Generator()
@@ -378,6 +380,7 @@ class StreamLoop:
             generator=self.generator, distill=cfg.distill, stored_logits=stored, is_buffer=is_buffer,
             weights=weights, regularizer=self.regularizer, patience=cfg.step_patience,
             min_delta=cfg.step_min_delta, val_fraction=cfg.step_val_fraction, strata=budget,
+            precision=self.precision,
         )  # fmt: skip
 
     def state(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ._adamw import FusedAdamW, fused_adamw_available
 from ._dynamics import Dynamics
 from ._objective import Objective, as_targets, replay_loss
+from ._precision import autocast
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0):
@@ -72,6 +73,7 @@ def train_epochs(
     min_delta: float = 0.0,
     val_fraction: float = 0.1,
     strata: np.ndarray | None = None,
+    precision: str = "32",
 ) -> tuple[Dynamics, list[float]]:
     """Shuffled minibatch epochs on (X, y), both on the model's device; the cells' dynamics and each epoch's mean loss.
 
@@ -87,6 +89,9 @@ def train_epochs(
     epoch, and training stops once it has not improved by more than ``min_delta`` for ``patience``
     epochs; the best epoch's weights are restored. Held-out cells still get dynamics (from their
     held-out logits). This reads one number per epoch back to the host (a synchronisation).
+
+    ``precision="bf16-mixed"`` runs the forward pass and loss under bfloat16 autocast (see
+    :mod:`~sccoreset._engine._precision`); weights, gradients and optimizer state stay float32.
     """
     dev = X.device
     targets = as_targets(y)
@@ -106,15 +111,17 @@ def train_epochs(
     epoch_loss = torch.zeros(epochs, dtype=torch.float32, device=dev)
     model.train()
     step = _Step(model, optimizer, objective, w, distill if use_distill else 0.0, stored_logits,
-                 buf_weight if use_distill else None, regularizer)  # fmt: skip
+                 buf_weight if use_distill else None, regularizer, precision)  # fmt: skip
+    # autocast would cast every minibatch to bfloat16 for the first product: cast the merged set once instead
+    X_step = X.to(torch.bfloat16) if precision == "bf16-mixed" else X
     if patience is None:
         orders = to_device(host_orders(n, epochs, generator), dev)
         with joined(model, regularizer):
-            _epochs(step, X, targets, orders, epoch_loss, dyn, batch_size)
+            _epochs(step, X_step, targets, orders, epoch_loss, dyn, batch_size)
         done = epochs
     else:
         strata = t_host[:, 0] if strata is None else strata
-        done = _epochs_early_stop(step, X, targets, epochs, epoch_loss, dyn, batch_size, generator,
+        done = _epochs_early_stop(step, X, X_step, targets, epochs, epoch_loss, dyn, batch_size, generator,
                                   patience, min_delta, val_fraction, strata)  # fmt: skip
     n_trained = max(n - getattr(step, "n_val", 0), 1)
     return dyn, (epoch_loss[:done] / n_trained).tolist()
@@ -136,18 +143,19 @@ def joined(model: nn.Module, regularizer=None):
 class _Step:
     """One minibatch step: loss, backward, regularizer, optimizer (shared by both epoch loops)."""
 
-    def __init__(self, model, optimizer, objective, w, distill, stored_logits, buf_weight, regularizer):
+    def __init__(self, model, optimizer, objective, w, distill, stored_logits, buf_weight, regularizer, precision):
         self.model, self.optimizer, self.objective, self.w = model, optimizer, objective, w
         self.distill, self.stored_logits, self.buf_weight = distill, stored_logits, buf_weight
-        self.regularizer = regularizer
+        self.regularizer, self.precision = regularizer, precision
         self.module = model.module if isinstance(model, DistributedDataParallel) else model
 
     def __call__(self, X, targets, idx):
         xb, yb = X[idx], targets[idx]
-        logits = self.model(xb)
-        loss = self.objective(logits, yb, self.w)
-        if self.distill > 0:
-            loss = loss + self.distill * replay_loss(logits, self.stored_logits[idx], self.buf_weight[idx])
+        with autocast(self.precision):
+            logits = self.model(xb)
+            loss = self.objective(logits, yb, self.w)
+            if self.distill > 0:
+                loss = loss + self.distill * replay_loss(logits, self.stored_logits[idx], self.buf_weight[idx])
         reg = self.regularizer
         if reg is not None:
             extra = reg.penalty(self.module)
@@ -190,8 +198,8 @@ def stratified_holdout(strata: np.ndarray, fraction: float, generator: torch.Gen
     return held
 
 
-def _epochs_early_stop(step, X, targets, epochs, epoch_loss, dyn, batch_size, generator, patience, min_delta,
-                       fraction, strata):  # fmt: skip
+def _epochs_early_stop(step, X, X_step, targets, epochs, epoch_loss, dyn, batch_size, generator, patience,
+                       min_delta, fraction, strata):  # fmt: skip
     dev = X.device
     held = stratified_holdout(np.asarray(strata), fraction, generator)
     train_idx = np.flatnonzero(~held)
@@ -207,7 +215,7 @@ def _epochs_early_stop(step, X, targets, epochs, epoch_loss, dyn, batch_size, ge
         with joined(model, step.regularizer):
             for lo in range(0, train_idx.size, batch_size):
                 idx = order[0, lo : lo + batch_size]
-                loss, logits = step(X, targets, idx)
+                loss, logits = step(X_step, targets, idx)
                 dyn.record(idx, logits)
                 epoch_loss[e] += loss.detach() * idx.numel()
         val = _held_out_loss(module, objective, X, targets, val_idx, dyn)

@@ -311,7 +311,7 @@ class StreamRun:
             raise InputError("the stream yielded no chunk: there is no coreset to build.")
         params = {
             **self.cfg.to_uns(), "device": str(self.device), "world_size": self.world,
-            "wall_seconds": time.perf_counter() - self.t_start, "prepare_seconds": self.prepare_seconds,
+            "precision": self.loop.precision, "wall_seconds": time.perf_counter() - self.t_start, "prepare_seconds": self.prepare_seconds,
         }  # fmt: skip
         t0 = time.perf_counter()
         # the stream's cells per budget class; under order="weighted" (draws repeat cells) the files'
