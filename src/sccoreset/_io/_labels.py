@@ -9,6 +9,7 @@ from typing import Literal
 import numpy as np
 
 from .._errors import InputError
+from ._open_files import each_bounded
 from ._source import Source
 
 MissingLabels = Literal["skip", "error"]
@@ -52,7 +53,7 @@ def count_missing_labels(
     """Cells with a missing label per source; raises (``"error"``) or warns (``"skip"``) when there are any."""
     check_policy(missing_labels)
     counts = np.zeros(len(sources), dtype=np.int64)
-    for i, src in enumerate(sources):
+    for i, src in enumerate(each_bounded(sources)):
         _, missing = src.read_labels(key)
         counts[i] = int(missing.sum())
         if counts[i] and missing_labels == "error":

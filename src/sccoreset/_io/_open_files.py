@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from ._source import Source
 
@@ -69,3 +69,21 @@ class OpenFiles:
         with self._lock:
             self._recent.pop(f, None)
         self.sources[f].close()
+
+
+def each_bounded(sources: Sequence[Source], budget: int | None = None) -> Iterator[Source]:
+    """Yield ``sources`` in turn for a pass over whole files (label scans), keeping few of them open.
+
+    Files that were closed before the pass and that it opened are closed again beyond ``budget`` (oldest
+    first), so at most ``budget`` of them stay open whatever the number of files. The last ``budget`` stay
+    open for the reading that follows.
+    """
+    budget = open_file_budget() if budget is None else int(budget)
+    opened: list[Source] = []
+    for src in sources:
+        was_open = src.is_open
+        yield src
+        if not was_open and src.is_open:
+            opened.append(src)
+            if len(opened) > budget:
+                opened.pop(0).close()

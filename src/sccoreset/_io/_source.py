@@ -116,6 +116,11 @@ class Source:
     def _matrix(self) -> Any:
         return self._file()[f"{self.prefix}{self.matrix_name}"]
 
+    @property
+    def is_open(self) -> bool:
+        """Whether the file is open now (it opens on its first read)."""
+        return self._handle is not None
+
     def close(self) -> None:
         """Close the file (it reopens when read again); deferred while positioned reads still use it."""
         with self._lock:

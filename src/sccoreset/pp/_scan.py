@@ -11,6 +11,7 @@ import pandas as pd
 
 from .._errors import InputError
 from .._io._labels import MissingLabels, check_policy, missing_labels_error, warn_missing_labels
+from .._io._open_files import each_bounded
 from .._io._sources import Source, open_sources
 
 
@@ -84,7 +85,7 @@ def scan_sources(
     check_policy(missing_labels)
     counts = []
     n_missing = np.zeros(len(sources), dtype=np.int64)
-    for i, s in enumerate(sources):
+    for i, s in enumerate(each_bounded(sources)):
         if label_key is None:
             continue
         values, missing = s.read_labels(label_key)

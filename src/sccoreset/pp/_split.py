@@ -9,12 +9,13 @@ import numpy as np
 import pandas as pd
 
 from .._errors import InputError
+from .._io._open_files import each_bounded
 from .._io._sources import open_sources
 from .._utils import RandomState, as_rng
 
 
 def _column(sources, key: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [s.read_labels(key) for s in sources]
+    return [s.read_labels(key) for s in each_bounded(sources)]
 
 
 def stratified_split(

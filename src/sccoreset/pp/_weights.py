@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import InputError
+from .._io._open_files import each_bounded
 from .._io._sources import Source
 from .._utils import logger
 
@@ -88,7 +89,7 @@ def source_weights(
     codes = np.zeros(n, dtype=np.int64)
     for key in keys:
         values, miss = [], []
-        for src in sources:
+        for src in each_bounded(sources):
             v, m = src.read_labels(key)  # an absent column raises InputError naming the file and the key
             values.append(v)
             miss.append(m)

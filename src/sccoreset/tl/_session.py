@@ -24,6 +24,7 @@ from .._engine._model import build_model, mlp_spec
 from .._engine._train import model_device
 from .._errors import InputError
 from .._io._checks import warn_if_not_counts
+from .._io._open_files import each_bounded
 from .._io._sources import Source, open_sources
 from .._utils import as_rng, logger
 from ..pp._chunk_plan import plan_chunks
@@ -236,7 +237,7 @@ class StreamRun:
         """Cells of every budget class in the files (obs only; cells missing any label are left out, as in training)."""
         totals = np.zeros(self.budget.n_classes, dtype=np.int64)
         lookups = [pd.Index(t) for t in self.tasks]
-        for src in self.sources:
+        for src in each_bounded(self.sources):
             cols = [src.read_labels(key) for key in self.label_keys]
             missing = np.logical_or.reduce([m for _, m in cols])
             targets = np.stack([lk.get_indexer(v[~missing]) for lk, (v, _) in zip(lookups, cols, strict=True)], 1)
