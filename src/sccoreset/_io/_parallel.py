@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
+from ._threads import stopped_at_exit
+
 T = TypeVar("T")
 R = TypeVar("R")
 S = TypeVar("S")
@@ -90,19 +92,25 @@ def ordered_map(
                     return
 
     threads = [threading.Thread(target=work, name=f"{name}-{k}", daemon=True) for k in range(max(1, n_workers))]
+
+    def stop() -> None:
+        with shared.cond:
+            shared.stopped = True
+
     for t in threads:
         t.start()
     try:
-        for i in range(n):
-            with shared.cond:
-                while i not in shared.results:
-                    shared.cond.wait()
-                result = shared.results.pop(i)
-            slots.release()
-            if isinstance(result, _Failure):
-                raise result.exc
-            yield result
-            del result
+        with stopped_at_exit(stop, threads):
+            for i in range(n):
+                with shared.cond:
+                    while i not in shared.results:
+                        shared.cond.wait()
+                    result = shared.results.pop(i)
+                slots.release()
+                if isinstance(result, _Failure):
+                    raise result.exc
+                yield result
+                del result
     finally:
         with shared.cond:
             shared.stopped = True

@@ -7,6 +7,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+from ._threads import stopped_at_exit
+
 T = TypeVar("T")
 
 _DONE = object()
@@ -55,13 +57,14 @@ def prefetch(make: Callable[[], Iterator[T]], depth: int = 1) -> Iterator[T]:
     thread = threading.Thread(target=work, name="sccoreset-prefetch", daemon=True)
     thread.start()
     try:
-        while True:
-            item = q.get()
-            if item is _DONE:
-                return
-            if isinstance(item, _Failure):
-                raise item.exc
-            yield item
+        with stopped_at_exit(stop.set, [thread]):
+            while True:
+                item = q.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield item
     finally:
         stop.set()
         thread.join()

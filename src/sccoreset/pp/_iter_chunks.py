@@ -91,6 +91,10 @@ def iter_chunks(
         plan = plan_chunks(
             [s.n_obs for s in sources], chunk_size, order=order, block_size=block_size, rng=as_rng(random_state)
         )
-        for chunk in reader.iterate(plan, prefetch=prefetch):
-            if len(chunk):  # a chunk whose cells all lack a label is not yielded
-                yield chunk
+        chunks = reader.iterate(plan, prefetch=prefetch)
+        try:
+            for chunk in chunks:
+                if len(chunk):  # a chunk whose cells all lack a label is not yielded
+                    yield chunk
+        finally:  # a consumer that stops early: the reading threads end before the files close
+            chunks.close()
