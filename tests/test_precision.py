@@ -43,7 +43,9 @@ def test_bf16_mixed_training_keeps_float32_state_and_learns_as_float32_does():
 def test_stream_train_records_the_precision(small_stream, small_gene_space):
     import sccoreset as scc
 
-    kw = dict(gene_space=small_gene_space, chunk_size=500, buffer_size=60, epochs_per_step=1, progress=False, device="cpu")
+    kw = dict(
+        gene_space=small_gene_space, chunk_size=500, buffer_size=60, epochs_per_step=1, progress=False, device="cpu"
+    )
     cs = scc.tl.stream_train(small_stream.files, small_stream.label_key, **kw)
     assert cs.uns["sccoreset"]["params"]["precision"] == ("bf16-mixed" if native_bf16_cpu() else "32")
     off = scc.tl.stream_train(small_stream.files, small_stream.label_key, cpu_bf16=False, **kw)
