@@ -19,6 +19,7 @@ def test_an_error_inside_a_chunk_loop_ends_the_process(tmp_path):
             f"""
             import anndata as ad, numpy as np, pandas as pd, scipy.sparse as sp
             import sccoreset as scc
+            from sccoreset._utils import h5ad_safe_strings  # pandas 3's string dtype: anndata < 0.13 won't write it
 
             rng = np.random.default_rng(0)
             paths = []
@@ -26,7 +27,8 @@ def test_an_error_inside_a_chunk_loop_ends_the_process(tmp_path):
                 X = sp.csr_matrix(rng.poisson(1.0, (40, 30)).astype(np.float32))
                 obs = pd.DataFrame({{"cell_type": pd.Categorical(rng.choice(["a", "b"], 40))}},
                                    index=[f"f{{i}}c{{j}}" for j in range(40)])
-                a = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"g{{k}}" for k in range(30)]))
+                var = pd.DataFrame(index=[f"g{{k}}" for k in range(30)])
+                a = ad.AnnData(X=X, obs=h5ad_safe_strings(obs), var=h5ad_safe_strings(var))
                 paths.append({str(tmp_path)!r} + f"/f{{i:03d}}.h5ad")
                 a.write_h5ad(paths[-1])
             gs = scc.pp.fit_gene_space(paths, n_top_genes=10)
