@@ -16,6 +16,7 @@ def _run_with_many_files(tmp_path, n_obs: int, n_vars: int, before_limit: str, u
         import resource
         import anndata as ad, numpy as np, pandas as pd, scipy.sparse as sp
         import sccoreset as scc
+        from sccoreset._utils import h5ad_safe_strings  # pandas 3's string dtype: anndata < 0.13 won't write it
 
         rng = np.random.default_rng(0)
         paths = []
@@ -23,7 +24,8 @@ def _run_with_many_files(tmp_path, n_obs: int, n_vars: int, before_limit: str, u
             X = sp.csr_matrix(rng.poisson(1.0, ({n_obs}, {n_vars})).astype(np.float32))
             obs = pd.DataFrame({{"cell_type": pd.Categorical(rng.choice(["a", "b"], {n_obs}))}},
                                index=[f"f{{i}}c{{j}}" for j in range({n_obs})])
-            a = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"g{{k}}" for k in range({n_vars})]))
+            var = pd.DataFrame(index=[f"g{{k}}" for k in range({n_vars})])
+            a = ad.AnnData(X=X, obs=h5ad_safe_strings(obs), var=h5ad_safe_strings(var))
             paths.append({str(tmp_path)!r} + f"/f{{i:03d}}.h5ad")
             a.write_h5ad(paths[-1])
     """
