@@ -44,6 +44,8 @@ def main():
     p.add_argument("--baseline-src", default=None, metavar="DIR",
                    help="with --rounds: compare with the package source tree at DIR (its src/), in fresh processes")  # fmt: skip
     args = p.parse_args()
+    if args.baseline_src and not args.rounds:
+        p.error("--baseline-src needs --rounds N")
     kw = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     t0 = time.perf_counter()
     stream = scc.datasets.synthetic_stream(DATA / "stream20k", n_files=10, cells_per_file=20_000, n_genes=20_000,
@@ -117,9 +119,11 @@ def compare_versions(files, label_key, baseline_src, rounds):
     for _ in range(rounds):
         for name, src in trees.items():
             env = {**os.environ, "PYTHONPATH": src}
-            out = subprocess.run([sys.executable, "-c", _DRIVER, label_key, *map(str, files)], env=env, check=True,
-                                 capture_output=True, text=True).stdout  # fmt: skip
-            record = json.loads(out.strip().splitlines()[-1])
+            done = subprocess.run([sys.executable, "-c", _DRIVER, label_key, *map(str, files)], env=env,
+                                  capture_output=True, text=True)  # fmt: skip
+            if done.returncode:
+                raise RuntimeError(f"{name} ({src}) failed:\n{done.stderr[-3000:]}")
+            record = json.loads(done.stdout.strip().splitlines()[-1])
             if not record["package"].startswith(src):
                 raise RuntimeError(f"{name}: imported {record['package']}, not the package under {src}")
             walls[name].append(record["wall"])

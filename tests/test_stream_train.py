@@ -167,10 +167,11 @@ def test_cpu_training_reads_between_steps_by_default_and_reading_ahead_changes_n
     import threading
 
     def readers_alive_during_steps(**kw):
+        before = set(threading.enumerate())  # threads of earlier tests do not count
         alive = []
         for _ in scc.tl.stream_events(small_stream.files, "cell_type", gene_space=small_gene_space, device="cpu",
                                       **KW, **kw):  # fmt: skip
-            alive.append(any(t.name.startswith("sccoreset-") for t in threading.enumerate()))
+            alive.append(any(t.name.startswith("sccoreset-") for t in set(threading.enumerate()) - before))
         return alive
 
     assert not any(readers_alive_during_steps())
@@ -179,6 +180,7 @@ def test_cpu_training_reads_between_steps_by_default_and_reading_ahead_changes_n
         scc.tl.stream_train(small_stream.files, "cell_type", gene_space=small_gene_space, device="cpu", **KW, **kw)
         for kw in ({}, {"prefetch": 1}, {"prefetch": 2, "n_workers": 1})
     ]
+    assert [r.uns["sccoreset"]["params"]["prefetch"] for r in runs] == [0, 1, 2]  # what was used, not None
     for other in runs[1:]:
         assert list(other.obs_names) == list(runs[0].obs_names)
         np.testing.assert_array_equal(other.X, runs[0].X)

@@ -349,6 +349,7 @@ class StreamLoop:
         buffer = self.buffer
         if buffer is None:
             return None
+        self._merge_workspace = None  # no more steps: free it
         t0 = time.perf_counter()
         losses: list[float] = []
         if self.cfg.final_epochs > 0 and len(buffer):

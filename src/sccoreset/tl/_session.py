@@ -322,7 +322,7 @@ class StreamRun:
         if self.loop.buffer is None:
             raise InputError("the stream yielded no chunk: there is no coreset to build.")
         params = {
-            **self.cfg.to_uns(), "device": str(self.device), "world_size": self.world,
+            **self.cfg.to_uns(), "device": str(self.device), "world_size": self.world, "prefetch": self.prefetch,
             "precision": self.loop.precision, "wall_seconds": time.perf_counter() - self.t_start, "prepare_seconds": self.prepare_seconds,
         }  # fmt: skip
         t0 = time.perf_counter()
