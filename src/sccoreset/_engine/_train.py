@@ -220,7 +220,7 @@ def _epochs_early_stop(step, X, X_step, targets, epochs, epoch_loss, dyn, batch_
                 loss, logits = step(X_step, targets, idx)
                 dyn.record(idx, logits)
                 epoch_loss[e] += loss.detach() * idx.numel()
-        val = _held_out_loss(module, objective, X, targets, val_idx, dyn, step.precision)
+        val = _held_out_loss(module, objective, X, targets, val_idx, dyn)
         dyn.end_epoch(targets, torch.cat([order[0], val_idx]))
         done = e + 1
         if val == float("inf"):  # nothing held out (every class a single cell): all epochs
@@ -239,13 +239,13 @@ def _epochs_early_stop(step, X, X_step, targets, epochs, epoch_loss, dyn, batch_
 
 
 @torch.no_grad()
-def _held_out_loss(module, objective, X, targets, val_idx, dyn, precision: str = "32") -> float:
+def _held_out_loss(module, objective, X, targets, val_idx, dyn) -> float:
     """Mean loss of the held-out cells (their logits also feed the dynamics); averaged over ranks under DDP.
 
-    In float32 when ``X`` is float32; a bfloat16 ``X`` (the loop's merged set) goes through ``precision``'s autocast.
+    In float32 when ``X`` is float32; a bfloat16 ``X`` (the loop's merged set on a CPU) goes through autocast.
     """
     module.eval()
-    with autocast(precision if X.dtype == torch.bfloat16 else "32"):
+    with autocast("bf16-mixed" if X.dtype == torch.bfloat16 else "32"):
         logits = module(X[val_idx]) if val_idx.numel() else torch.zeros((0, objective.n_logits), device=X.device)
         logits = logits.float()
         if val_idx.numel():
