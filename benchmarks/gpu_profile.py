@@ -27,15 +27,18 @@ from sccoreset._engine._objective import Objective
 from sccoreset._engine._train import make_optimizer
 
 
-def make_trainer(args, dev, capture=True, compile=False, adamw="fused", batch_size=None):
+def make_trainer(args, dev, capture=True, compile=False, adamw="fused", batch_size=None, lean=True, bf16=False):
     model = build_model(mlp_spec(args.features, args.classes, (256, 128))).to(dev)
     if adamw == "fused":
         opt = make_optimizer(model, 1e-3)  # what stream_train uses
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True, capturable=True)
-    return GraphedTrainer(model, opt, capacity=args.cells, n_features=args.features,
+    trainer = GraphedTrainer(model, opt, capacity=args.cells, n_features=args.features,
                           objective=Objective([args.classes]), batch_size=batch_size or args.batch_size, distill=args.distill,
-                          capture=capture, compile=compile)  # fmt: skip
+                          capture=capture, compile=compile, precision="bf16-mixed" if bf16 else "32")  # fmt: skip
+    if not lean:  # the step as it was before the lean step (autograd accumulation, per-minibatch loss terms)
+        trainer.lean = False
+    return trainer
 
 
 def step_fn(trainer, args, dev):
@@ -80,8 +83,9 @@ def micro(args, dev):
     n_mb = args.epochs * -(-args.cells // args.batch_size)
     print(f"step: {args.cells:,} cells x {args.features} features, {args.classes} classes, {args.epochs} epochs, "
           f"batch {args.batch_size}: {n_mb} minibatches")  # fmt: skip
-    variants = [("graph per epoch", {}), ("eager", {"capture": False})]
+    variants = [("graph per epoch", {}), ("graph per epoch, not lean", {"lean": False}), ("eager", {"capture": False})]
     if args.more:
+        variants += [("graph, bf16 autocast", {"bf16": True})]
         variants += [("graph, foreach AdamW", {"adamw": "foreach"})]
         variants += [(f"graph, batch {b}", {"batch_size": b}) for b in (512, 1024)]
     if args.compile:

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._distributed import rank_world
 from ._dynamics import Dynamics
 from ._objective import Objective, replay_loss
+from ._precision import autocast
 from ._train import host_orders, to_device
 
 
@@ -47,6 +49,7 @@ class GraphedTrainer:
         compile: bool = False,
         capture: bool | None = None,
         max_graphs: int = 8,
+        precision: str = "32",
     ) -> None:
         dev = next(model.parameters()).device
         self.model, self.optimizer, self.dev = model, optimizer, dev
@@ -56,7 +59,9 @@ class GraphedTrainer:
         n_logits = objective.n_logits
         rows = capacity + 1  # the last row pads epochs to whole minibatches
         self.pad_row = capacity
-        self.X = torch.zeros((rows, n_features), device=dev)
+        self.precision = precision  # "bf16-mixed": the merged set in bfloat16, the forward pass under autocast
+        x_dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+        self.X = torch.zeros((rows, n_features), dtype=x_dtype, device=dev)
         self.y = torch.zeros((rows, objective.n_tasks), dtype=torch.int64, device=dev)
         self.stored = torch.zeros((rows, n_logits), device=dev)
         self.buf_weight = torch.zeros(rows, device=dev)
@@ -76,6 +81,28 @@ class GraphedTrainer:
             self._bind_grads()
         # torch.compile fuses the elementwise work of forward, loss and dynamics into few kernels
         self._forward = torch.compile(self._forward_loss, dynamic=False) if compile else self._forward_loss
+        # the lean step (one process, the built-in loss, not compiled): fewer kernels a minibatch
+        self.lean = self.flat_grad is None and objective.user_loss is None and not compile
+        if self.lean:
+            self._init_lean(rows, n_logits)
+
+    def _init_lean(self, rows: int, n_logits: int) -> None:
+        """Static tensors of the lean step.
+
+        Per cell: labels with padding as ``ignore_index`` (``y_ce``), the loss weight of each task's label
+        (``wrow``), and, with replay, the stored logits and the buffer flag in one row (``aux``: one gather a
+        minibatch). Per minibatch of an epoch: the loss denominators (``denom``, computed once an epoch), the
+        number of cells and the loss.
+        """
+        dev, T = self.dev, self.objective.n_tasks
+        steps = len(self.order) // self.batch_size
+        self.y_ce = torch.full((rows, T), -100, dtype=torch.int64, device=dev)
+        self.wrow = torch.zeros((rows, T), device=dev)
+        self.aux = torch.zeros((rows, n_logits + 1), device=dev) if self.distill > 0 else None
+        self.denom = torch.ones((steps, T + 1), device=dev)
+        self.mb_count = torch.zeros(steps, device=dev)
+        self.mb_loss = torch.zeros(steps, device=dev)
+        self.task_offsets = torch.as_tensor(self.objective.offsets[:-1], dtype=torch.int64, device=dev)
 
     def _bind_grads(self) -> None:
         """Under DDP, make every gradient a view of ``flat_grad`` again.
@@ -94,11 +121,63 @@ class GraphedTrainer:
 
     def _forward_loss(self, idx: torch.Tensor):
         xb, yb = self.X[idx], self.y[idx]
-        logits = self.model(xb)
+        with autocast(self.precision, self.dev.type):
+            logits = self.model(xb)
         loss = self.objective(logits, yb, self.w, self.valid[idx])
         if self.distill > 0:
             loss = loss + self.distill * replay_loss(logits, self.stored[idx], self.buf_weight[idx])
         return loss, logits
+
+    def _fill_lean(self, n: int) -> None:
+        """The lean step's per-cell tensors for the merged set in the first ``n`` rows (after ``train`` filled them)."""
+        self.y_ce[:n].copy_(self.y[:n])
+        self.wrow.copy_(self.w[self.y + self.task_offsets] * self.valid[:, None])
+        if self.aux is not None:
+            C = self.objective.n_logits
+            self.aux[:, :C].copy_(self.stored * self.buf_weight[:, None])
+            self.aux[:, C].copy_(self.buf_weight * self.valid)
+
+    def _lean_epoch_start(self, n_steps: int) -> None:
+        """Every minibatch's loss denominators and cell count, for the epoch's order (a few kernels an epoch)."""
+        B, T = self.batch_size, self.objective.n_tasks
+        order = self.order[: n_steps * B]
+        wsum = self.wrow.index_select(0, order).view(n_steps, B, T).sum(1)
+        self.denom[:n_steps, :T].copy_(wsum.clamp_min(1e-12))
+        self.mb_count[:n_steps].copy_(self.valid.index_select(0, order).view(n_steps, B).sum(1))
+        if self.aux is not None:
+            buffer_cells = self.aux[:, -1].index_select(0, order).view(n_steps, B).sum(1)
+            # the loss adds distill * replay_sum / denominator: keep denominator / distill
+            self.denom[:n_steps, T].copy_((buffer_cells * self.objective.n_logits).clamp_min(1.0) / self.distill)
+
+    def _lean_step(self, idx: torch.Tensor, k: int) -> None:
+        """Minibatch ``k`` of the epoch: the loss of :meth:`_forward_loss` in fewer kernels.
+
+        The weighted cross-entropy is one ``nll_loss`` per task (padding rows are its ``ignore_index``) over
+        denominators computed once an epoch; replay is one gather and a fused multiply-add; gradients are
+        handed to the optimizer as backward allocates them (no accumulation into zeroed buffers); the loss is
+        stored per minibatch and weighted by cell counts once an epoch.
+        """
+        obj = self.objective
+        xb, yb = self.X.index_select(0, idx), self.y_ce.index_select(0, idx)
+        with autocast(self.precision, self.dev.type):
+            logits = self.model(xb)
+        loss = None
+        for t in range(obj.n_tasks):
+            lo, hi = int(obj.offsets[t]), int(obj.offsets[t + 1])
+            part = F.cross_entropy(logits[:, lo:hi].float(), yb[:, t], weight=self.w[lo:hi], reduction="sum")
+            part = part / self.denom[k, t]
+            loss = part if loss is None else loss + part
+        if self.aux is not None:
+            a = self.aux.index_select(0, idx)
+            C = obj.n_logits
+            # (stored - logits) * is_buffer, squared: the replay loss's numerator (is_buffer is 0 or 1)
+            diff = torch.addcmul(a[:, :C], logits.float(), a[:, C:], value=-1.0)
+            loss = loss + diff.square().sum() / self.denom[k, -1]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.dyn.record(idx, logits)
+        self.mb_loss[k].copy_(loss.detach())
 
     def _step(self, idx: torch.Tensor) -> None:
         loss, logits = self._forward(idx)
@@ -119,6 +198,12 @@ class GraphedTrainer:
     def _epoch(self, n_steps: int) -> None:
         """``n_steps`` minibatches, in the order held by ``self.order`` (what a graph captures)."""
         B = self.batch_size
+        if self.lean:
+            self._lean_epoch_start(n_steps)
+            for k in range(n_steps):
+                self._lean_step(self.order[k * B : (k + 1) * B], k)
+            self.loss_acc.copy_(torch.dot(self.mb_loss[:n_steps], self.mb_count[:n_steps]))
+            return
         for k in range(n_steps):
             self._step(self.order[k * B : (k + 1) * B])
 
@@ -165,7 +250,7 @@ class GraphedTrainer:
             with torch.cuda.stream(side):
                 self.order[: self.batch_size] = torch.arange(self.batch_size, device=self.dev) % self.pad_row
                 for _ in range(3):
-                    self._step(self.order[: self.batch_size])
+                    self._epoch(1)
         finally:  # also after a failure (out of memory): the model is as it was before the warm-up
             torch.cuda.current_stream().wait_stream(side)
             self._restore(params, saved_params, had_state, saved_state, saved_loss, saved_order)
@@ -174,7 +259,8 @@ class GraphedTrainer:
         with torch.no_grad():
             for p, s in zip(params, saved_params, strict=True):
                 p.copy_(s)
-                p.grad.zero_()
+                if p.grad is not None:
+                    p.grad.zero_()
             for p in params:
                 for k, v in self.optimizer.state[p].items():
                     if had_state:
@@ -215,6 +301,8 @@ class GraphedTrainer:
         if weights is None:
             weights = self.objective.weights(self.objective.task_counts(targets))
         self.w.copy_(to_device(torch.from_numpy(np.asarray(weights)).float(), self.dev))
+        if self.lean:
+            self._fill_lean(n)
         B = self.batch_size
         # whole minibatches; under DDP as many as the rank with the most cells needs
         n_steps = -(-max(n, 0 if n_max is None else n_max) // B)
