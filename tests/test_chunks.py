@@ -168,3 +168,20 @@ def test_every_storage_layout_reads_the_same(tmp_path, small_stream, small_gene_
         assert DirectDataset(f["X/data"]).usable == (layout != "gzip")
     got = np.concatenate([c.X for c in scc.pp.iter_chunks([path], small_gene_space, chunk_size=70)])
     np.testing.assert_array_equal(got, small_gene_space.transform(src.X, src.var_names))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lists=st.lists(st.lists(st.sampled_from("abcdefgh"), max_size=8), min_size=1, max_size=4),
+    picks=st.lists(st.integers(0, 3), min_size=1, max_size=8),
+)
+def test_gene_union_is_the_ordered_union_of_shared_and_distinct_lists(lists, picks):
+    """Files sharing one Index object (as files with the same genes do) are merged once; order of first appearance."""
+    import pandas as pd
+
+    from sccoreset.pp._scan import gene_union
+
+    indexes = [pd.Index(names, dtype=object) for names in lists]
+    sources = [type("S", (), {"var_names": indexes[p % len(indexes)]})() for p in picks]
+    expected = list(dict.fromkeys(g for s in sources for g in s.var_names))
+    assert list(gene_union(sources)) == expected

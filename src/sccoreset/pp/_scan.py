@@ -67,10 +67,17 @@ class StreamInfo:
 
 
 def gene_union(sources: Sequence[Source]) -> pd.Index:
-    """Union of the gene names of all sources, in order of first appearance."""
+    """Union of the gene names of all sources, in order of first appearance.
+
+    Files with the same gene list share one Index object (``SharedIndexes``): each distinct list is merged
+    once (a thousand files of 20,000 genes took 4 ms each before).
+    """
+    distinct = list({id(s.var_names): s.var_names for s in sources}.values())
+    if len(distinct) == 1 and distinct[0].is_unique:
+        return pd.Index(distinct[0], dtype=object)
     seen: dict[str, None] = {}
-    for s in sources:
-        seen.update(dict.fromkeys(s.var_names))
+    for names in distinct:
+        seen.update(dict.fromkeys(names))
     return pd.Index(list(seen), dtype=object)
 
 
