@@ -130,7 +130,9 @@ def stream(args):
     print(f"\n--- stream_train, {args.stream:,} cells under cProfile: {wall:.1f} s "
           f"(prepare {float(p['prepare_seconds']):.2f} s, coreset {float(p['coreset_seconds']):.2f} s)")  # fmt: skip
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(args.rows * 2)
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("cumulative").print_stats(args.rows * 2)
+    stats.print_callees("_loop.py.*\\(process\\)")
     print(out.getvalue())
 
 
@@ -147,12 +149,14 @@ def main():
     p.add_argument("--compile", action="store_true", help="also the graphed step with torch.compile")
     p.add_argument("--more", action="store_true", help="also foreach AdamW and larger batches (no kernel tables)")
     p.add_argument("--stream", type=int, default=0, metavar="CELLS", help="also cProfile stream_train on CELLS")
+    p.add_argument("--stream-only", action="store_true", help="skip the step's timings and tables")
     p.add_argument("--genes", type=int, default=20_000)
     p.add_argument("--data-dir", default="/tmp/sccoreset_scale")
     args = p.parse_args()
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True  # as stream_train trains (tf32=True)
-    micro(args, dev)
+    if not args.stream_only:
+        micro(args, dev)
     if args.stream:
         stream(args)
 

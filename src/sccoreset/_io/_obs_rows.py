@@ -19,6 +19,8 @@ class UnsupportedEncoding(Exception):
 
 def _dataset_rows(ds: h5py.Dataset, sel: np.ndarray, lo: int, hi: int) -> np.ndarray:
     if ds.dtype.kind in ("S", "O"):
+        if 8 * sel.size < hi - lo:  # a few names spread over a long span: decode only those
+            return np.asarray(ds.asstr()[np.asarray(sel + lo)], dtype=object)
         return np.asarray(ds.asstr()[lo:hi], dtype=object)[sel]
     if ds.ndim != 1:
         raise UnsupportedEncoding(ds.name)

@@ -52,17 +52,20 @@ def _counts_on(sources: Sequence[Source], buffer: Buffer, n_cols: int, col_maps:
     n = len(buffer)
     rows = buffer.provenance["row"]
     parts, where = [], []
+    projections: dict[int, sp.csr_matrix] = {}  # files sharing a gene list share its column map
     for f, order in _kept_by_file(sources, buffer):
         src = sources[f]
         block = src.read_rows_at(rows[order])
         m = sp.csr_matrix((block.data, block.indices, block.indptr), shape=(order.size, len(src.var_names)))
         col_map = col_maps[f]
-        keep = col_map >= 0
-        # columns of the file that are in the target, moved to their place in it
-        proj = sp.csr_matrix(
-            (np.ones(keep.sum(), np.float32), (np.flatnonzero(keep), col_map[keep])),
-            shape=(len(src.var_names), n_cols),
-        )
+        proj = projections.get(id(col_map))
+        if proj is None:
+            keep = col_map >= 0
+            # columns of the file that are in the target, moved to their place in it
+            proj = projections[id(col_map)] = sp.csr_matrix(
+                (np.ones(keep.sum(), np.float32), (np.flatnonzero(keep), col_map[keep])),
+                shape=(len(src.var_names), n_cols),
+            )
         parts.append((m @ proj).astype(np.float32, copy=False))
         where.append(order)
     if not parts:
@@ -75,9 +78,21 @@ def _counts_on(sources: Sequence[Source], buffer: Buffer, n_cols: int, col_maps:
     return out
 
 
+def _per_gene_list(sources: Sequence[Source], fn) -> list[Any]:
+    """``fn(source)`` for every source, computed once per gene list (files with the same genes share one Index)."""
+    done: dict[int, Any] = {}
+    out = []
+    for s in sources:
+        key = id(s.var_names)
+        if key not in done:
+            done[key] = fn(s)
+        out.append(done[key])
+    return out
+
+
 def _counts_on_genes(sources: Sequence[Source], buffer: Buffer, gene_space: GeneSpace) -> sp.csr_matrix:
     """Raw counts of the kept cells on the gene list, read back from their files by provenance."""
-    col_maps = [gene_space.column_map(s.var_names, source=s.name) for s in sources]
+    col_maps = _per_gene_list(sources, lambda s: gene_space.column_map(s.var_names, source=s.name))
     return _counts_on(sources, buffer, gene_space.n_genes, col_maps)
 
 
@@ -92,7 +107,7 @@ def _counts_on_union(sources: Sequence[Source], buffer: Buffer) -> tuple[sp.csr_
     counts are zeros for its cells).
     """
     union = gene_union(sources)
-    col_maps = [union.get_indexer(s.var_names).astype(np.int64) for s in sources]
+    col_maps = _per_gene_list(sources, lambda s: union.get_indexer(s.var_names).astype(np.int64))
     missing = np.array([len(union) - int((c >= 0).sum()) for c in col_maps], dtype=np.int64)
     return _counts_on(sources, buffer, len(union), col_maps), union, missing
 
