@@ -164,3 +164,22 @@ def test_selection_is_seeded():
     a = select(labels, scores, 50, n_classes=3, rule="weighted", rng=np.random.default_rng(5))
     b = select(labels, scores, 50, n_classes=3, rule="weighted", rng=np.random.default_rng(5))
     np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    scores=st.lists(
+        st.one_of(st.floats(-3, 3), st.sampled_from([0.0, -0.0, 1.5, float("nan")])), min_size=0, max_size=60
+    ),
+    seed=st.integers(0, 1000),
+)
+def test_ranked_equals_the_score_then_random_key_sort(scores, seed):
+    """The argsort fast path (no ties) and the lexsort (ties, NaNs) give the same order and draw alike."""
+    from sccoreset._engine._selection import _ranked
+
+    scores = np.asarray(scores, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    got = _ranked(scores, rng)
+    ref_rng = np.random.default_rng(seed)
+    np.testing.assert_array_equal(got, np.lexsort((ref_rng.random(scores.size), scores)))
+    assert rng.random() == ref_rng.random()  # the generator advanced by the same draws
