@@ -198,6 +198,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--set", nargs="*", metavar="OPTION=VALUE", help="other stream_train options, e.g. compile=true")
     p.add_argument("--compare-cpu", type=int, default=0, metavar="N", help="also CPU vs CUDA on the first N cells")
+    p.add_argument("--compare-seeds", type=int, default=1, metavar="K", help="--compare-cpu with K training seeds")
     p.add_argument("--compare-to", default=None, metavar="JSON", help="a one-process run's --json: print the speed-up")
     p.add_argument(
         "--gene-space",
@@ -339,15 +340,20 @@ def compare_cpu(args, files, per_file, stream, gs, holdout, record):
         print("  skipped: no CUDA device")
         cmp["skipped"] = "no CUDA device"
     else:
-        for dev in ("cpu", "cuda"):
-            cs, r = timed_run(sub, stream.label_key, gs, train_kwargs(args, dev), cmp["cells"])
-            r["final_macro_f1"], _ = final_macro_f1(cs, holdout, stream.label_key)
-            cmp[dev] = r
-            print(f"  {dev:>4}: macro-F1 {r['final_macro_f1']:.4f}  [{r['wall_seconds']:.1f} s, {r['cells_per_s']:,.0f} cells/s]")  # fmt: skip
-        diff = cmp["cuda"]["final_macro_f1"] - cmp["cpu"]["final_macro_f1"]
-        cmp["macro_f1_diff"] = diff
+        diffs = []
+        for seed in range(args.seed, args.seed + args.compare_seeds):  # same stream, training seeds
+            for dev in ("cpu", "cuda"):
+                kw = {**train_kwargs(args, dev), "random_state": seed}
+                cs, r = timed_run(sub, stream.label_key, gs, kw, cmp["cells"])
+                r["final_macro_f1"], _ = final_macro_f1(cs, holdout, stream.label_key)
+                cmp[f"{dev}_seed{seed}"] = r
+                print(f"  seed {seed} {dev:>4}: macro-F1 {r['final_macro_f1']:.4f}  [{r['wall_seconds']:.1f} s, {r['cells_per_s']:,.0f} cells/s]")  # fmt: skip
+            diffs.append(cmp[f"cuda_seed{seed}"]["final_macro_f1"] - cmp[f"cpu_seed{seed}"]["final_macro_f1"])
+            print(f"  seed {seed} difference (cuda - cpu): {diffs[-1]:+.4f}")
+        diff = float(np.mean(diffs))
+        cmp["macro_f1_diffs"], cmp["macro_f1_diff"] = diffs, diff
         cmp["within_0.01"] = abs(diff) <= 0.01
-        print(f"  difference (cuda - cpu): {diff:+.4f}   (bar |diff| <= 0.01: {'met' if abs(diff) <= 0.01 else 'NOT met'})")  # fmt: skip
+        print(f"  mean difference over {len(diffs)} seed(s): {diff:+.4f}   (bar |diff| <= 0.01: {'met' if abs(diff) <= 0.01 else 'NOT met'})")  # fmt: skip
     record["compare_cpu"] = cmp
 
 
