@@ -201,7 +201,7 @@ def select(
     budgets = class_budgets(available, seen_counts, m, class_budget=class_budget, min_per_class=min_per_class)
     keep = []
     # every class's cells in index order, one sort for all (a radix sort on the smallest integer type)
-    by_class = np.argsort(labels.astype(np.min_scalar_type(max(n_classes - 1, 0))), kind="stable")
+    by_class = np.argsort(labels.astype(np.min_scalar_type(max(available.size - 1, 0))), kind="stable")
     starts = np.concatenate([[0], np.cumsum(available)])
     for c in np.flatnonzero(budgets):
         idx = by_class[starts[c] : starts[c + 1]]
