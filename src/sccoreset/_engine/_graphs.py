@@ -173,6 +173,8 @@ class GraphedTrainer:
             # (stored - logits) * is_buffer, squared: the replay loss's numerator (is_buffer is 0 or 1)
             diff = torch.addcmul(a[:, :C], logits.float(), a[:, C:], value=-1.0)
             loss = loss + diff.square().sum() / self.denom[k, -1]
+        # backward allocates the gradients afresh (inside a graph: from its private pool, so after a replay
+        # p.grad points there; nothing reads it between steps) and the optimizer consumes them
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
