@@ -99,3 +99,34 @@ def test_more_cells_than_the_capacity_is_an_error_not_a_padding_row():
     with pytest.raises(ValueError, match="capacity"):  # another rank's count too
         trainer.train(X[:10], targets[:10], **{**kw, "stored_logits": torch.zeros(10, 4),
                       "is_buffer": torch.zeros(10, dtype=bool)}, n_max=51)  # fmt: skip
+
+
+@pytest.mark.parametrize("distill", [0.0, 0.7])
+def test_unweighted_loss_and_a_first_chunk_without_buffer_cells_equal_the_eager_loop(distill):
+    """balance_loss=False (unit class weights) and a merged set with no buffer cell (the first chunk's step)."""
+    tasks = (3,)
+    n = 45
+    X, targets = _data(n, tasks=tasks, seed=3)
+    torch.manual_seed(0)
+    model = build_model(mlp_spec(20, 3, (16,), dropout=0.0))
+    twin = copy.deepcopy(model)
+    objective = Objective(list(tasks), balance_loss=False)
+    stored = torch.randn(n, 3)
+    is_buffer = torch.zeros(n, dtype=torch.bool)
+    eager_dyn, eager_losses = train_epochs(
+        model, make_optimizer(model, 1e-2), X, torch.from_numpy(targets), epochs=2, batch_size=16,
+        generator=torch.Generator().manual_seed(2), objective=objective, distill=distill, stored_logits=stored,
+        is_buffer=is_buffer,
+    )  # fmt: skip
+    trainer = GraphedTrainer(
+        twin, make_optimizer(twin, 1e-2), capacity=n, n_features=20, objective=objective, batch_size=16,
+        distill=distill, capture=False,
+    )  # fmt: skip
+    assert trainer.lean
+    dyn, losses = trainer.train(
+        X, targets, epochs=2, generator=torch.Generator().manual_seed(2), stored_logits=stored, is_buffer=is_buffer
+    )
+    np.testing.assert_allclose(losses, eager_losses, rtol=1e-5)
+    np.testing.assert_allclose(dyn.to_numpy()["aum"], eager_dyn.to_numpy()["aum"], rtol=1e-4, atol=1e-5)
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
