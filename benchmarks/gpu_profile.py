@@ -27,7 +27,7 @@ from sccoreset._engine._objective import Objective
 from sccoreset._engine._train import make_optimizer
 
 
-def make_trainer(args, dev, capture=True, compile=False, adamw="fused", batch_size=None, lean=True, bf16=False):
+def make_trainer(args, dev, capture=True, compile=False, adamw="fused", batch_size=None, lean=True):
     model = build_model(mlp_spec(args.features, args.classes, (256, 128))).to(dev)
     if adamw == "fused":
         opt = make_optimizer(model, 1e-3)  # what stream_train uses
@@ -35,7 +35,7 @@ def make_trainer(args, dev, capture=True, compile=False, adamw="fused", batch_si
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True, capturable=True)
     trainer = GraphedTrainer(model, opt, capacity=args.cells, n_features=args.features,
                           objective=Objective([args.classes]), batch_size=batch_size or args.batch_size, distill=args.distill,
-                          capture=capture, compile=compile, precision="bf16-mixed" if bf16 else "32")  # fmt: skip
+                          capture=capture, compile=compile)  # fmt: skip
     if not lean:  # the step as it was before the lean step (autograd accumulation, per-minibatch loss terms)
         trainer.lean = False
     return trainer
@@ -85,7 +85,6 @@ def micro(args, dev):
           f"batch {args.batch_size}: {n_mb} minibatches")  # fmt: skip
     variants = [("graph per epoch", {}), ("graph per epoch, not lean", {"lean": False}), ("eager", {"capture": False})]
     if args.more:
-        variants += [("graph, bf16 autocast", {"bf16": True})]
         variants += [("graph, foreach AdamW", {"adamw": "foreach"})]
         variants += [(f"graph, batch {b}", {"batch_size": b}) for b in (512, 1024)]
     if args.compile:

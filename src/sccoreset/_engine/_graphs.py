@@ -29,7 +29,6 @@ from torch import nn
 from ._distributed import rank_world
 from ._dynamics import Dynamics
 from ._objective import Objective, replay_loss
-from ._precision import autocast
 from ._train import host_orders, to_device
 
 
@@ -49,7 +48,6 @@ class GraphedTrainer:
         compile: bool = False,
         capture: bool | None = None,
         max_graphs: int = 8,
-        precision: str = "32",
     ) -> None:
         dev = next(model.parameters()).device
         self.model, self.optimizer, self.dev = model, optimizer, dev
@@ -59,9 +57,7 @@ class GraphedTrainer:
         n_logits = objective.n_logits
         rows = capacity + 1  # the last row pads epochs to whole minibatches
         self.pad_row = capacity
-        self.precision = precision  # "bf16-mixed": the merged set in bfloat16, the forward pass under autocast
-        x_dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
-        self.X = torch.zeros((rows, n_features), dtype=x_dtype, device=dev)
+        self.X = torch.zeros((rows, n_features), device=dev)
         self.y = torch.zeros((rows, objective.n_tasks), dtype=torch.int64, device=dev)
         self.stored = torch.zeros((rows, n_logits), device=dev)
         self.buf_weight = torch.zeros(rows, device=dev)
@@ -121,8 +117,7 @@ class GraphedTrainer:
 
     def _forward_loss(self, idx: torch.Tensor):
         xb, yb = self.X[idx], self.y[idx]
-        with autocast(self.precision, self.dev.type):
-            logits = self.model(xb)
+        logits = self.model(xb)
         loss = self.objective(logits, yb, self.w, self.valid[idx])
         if self.distill > 0:
             loss = loss + self.distill * replay_loss(logits, self.stored[idx], self.buf_weight[idx])
@@ -159,8 +154,7 @@ class GraphedTrainer:
         """
         obj = self.objective
         xb, yb = self.X.index_select(0, idx), self.y_ce.index_select(0, idx)
-        with autocast(self.precision, self.dev.type):
-            logits = self.model(xb)
+        logits = self.model(xb)
         loss = None
         for t in range(obj.n_tasks):
             lo, hi = int(obj.offsets[t]), int(obj.offsets[t + 1])

@@ -33,8 +33,8 @@ def training_precision(device: torch.device, cpu_bf16: bool) -> str:
     return "bf16-mixed" if device.type == "cpu" and cpu_bf16 and native_bf16_cpu() else "32"
 
 
-def autocast(precision: str, device_type: str = "cpu") -> AbstractContextManager:
-    """The forward pass's context for ``precision`` (from :func:`training_precision`) on ``device_type``."""
+def autocast(precision: str) -> AbstractContextManager:
+    """The forward pass's context for ``precision`` (from :func:`training_precision`)."""
     if precision == "bf16-mixed":
-        return torch.autocast(device_type, dtype=torch.bfloat16)
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
