@@ -100,20 +100,27 @@ class MissingGenesWarning(UserWarning):
     """A ``genes="all"`` coreset holds zeros for genes that some of the files do not have."""
 
 
-def _counts_on_union(sources: Sequence[Source], buffer: Buffer) -> tuple[sp.csr_matrix, pd.Index, np.ndarray]:
+def _counts_on_union(
+    sources: Sequence[Source], buffer: Buffer
+) -> tuple[sp.csr_matrix, pd.Index, np.ndarray, list[np.ndarray]]:
     """Raw counts of the kept cells on the union of the files' genes (order of first appearance).
 
-    Returns the counts, the union and, for each source, the number of union genes it lacks (whose
-    counts are zeros for its cells).
+    Returns the counts, the union, for each source the number of union genes it lacks (whose counts are
+    zeros for its cells), and each source's column map into the union.
     """
     union = gene_union(sources)
     col_maps = _per_gene_list(sources, lambda s: union.get_indexer(s.var_names).astype(np.int64))
     missing = np.array([len(union) - int((c >= 0).sum()) for c in col_maps], dtype=np.int64)
-    return _counts_on(sources, buffer, len(union), col_maps), union, missing
+    return _counts_on(sources, buffer, len(union), col_maps), union, missing, col_maps
 
 
-def _all_genes_var(union: pd.Index, sources: Sequence[Source], gene_space: GeneSpace, key_added: str) -> pd.DataFrame:
-    """The var of a ``genes="all"`` coreset: the gene list marked, its statistics (NaN elsewhere), files per gene."""
+def _all_genes_var(
+    union: pd.Index, col_maps: Sequence[np.ndarray], gene_space: GeneSpace, key_added: str
+) -> pd.DataFrame:
+    """The var of a ``genes="all"`` coreset: the gene list marked, its statistics (NaN elsewhere), files per gene.
+
+    ``col_maps``: each source's columns in ``union`` (from :func:`_counts_on_union`).
+    """
     pos = pd.Index(gene_space.genes).get_indexer(union)
     on_list = pos >= 0
     mean = np.full(len(union), np.nan)
@@ -121,8 +128,8 @@ def _all_genes_var(union: pd.Index, sources: Sequence[Source], gene_space: GeneS
     mean[on_list] = gene_space.mean[pos[on_list]]
     std[on_list] = gene_space.std[pos[on_list]]
     n_files = np.zeros(len(union), dtype=np.int64)
-    for s in sources:
-        n_files[union.get_indexer(s.var_names)] += 1
+    for col_map in col_maps:
+        n_files[col_map] += 1
     return pd.DataFrame(
         {"highly_variable": on_list, "mean": mean, "std": std, f"{key_added}_n_files": n_files},
         index=pd.Index(np.asarray(union, dtype=object).astype(str)),
@@ -222,11 +229,11 @@ def build_coreset(
             layers={"counts": counts},
         )
     elif genes == "all":
-        counts, union, missing = _counts_on_union(sources, buffer)
+        counts, union, missing, col_maps = _counts_on_union(sources, buffer)
         adata = AnnData(
             X=counts,
             obs=h5ad_safe_strings(obs),
-            var=h5ad_safe_strings(_all_genes_var(union, sources, gene_space, key_added)),
+            var=h5ad_safe_strings(_all_genes_var(union, col_maps, gene_space, key_added)),
             obsm={f"{key_added}_features": np.ascontiguousarray(buffer.host_X(), dtype=np.float32)},
         )
         if missing.any():
