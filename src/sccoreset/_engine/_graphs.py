@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._distributed import rank_world
 from ._dynamics import Dynamics
-from ._objective import Objective, replay_loss
+from ._objective import Objective, replay_loss, replay_sum
 from ._train import host_orders, to_device
 
 
@@ -152,21 +151,16 @@ class GraphedTrainer:
         handed to the optimizer as backward allocates them (no accumulation into zeroed buffers); the loss is
         stored per minibatch and weighted by cell counts once an epoch.
         """
-        obj = self.objective
         xb, yb = self.X.index_select(0, idx), self.y_ce.index_select(0, idx)
         logits = self.model(xb)
         loss = None
-        for t in range(obj.n_tasks):
-            lo, hi = int(obj.offsets[t]), int(obj.offsets[t + 1])
-            part = F.cross_entropy(logits[:, lo:hi].float(), yb[:, t], weight=self.w[lo:hi], reduction="sum")
+        for t, part in enumerate(self.objective.summed_task_losses(logits, yb, self.w)):
             part = part / self.denom[k, t]
             loss = part if loss is None else loss + part
         if self.aux is not None:
             a = self.aux.index_select(0, idx)
-            C = obj.n_logits
-            # (stored - logits) * is_buffer, squared: the replay loss's numerator (is_buffer is 0 or 1)
-            diff = torch.addcmul(a[:, :C], logits.float(), a[:, C:], value=-1.0)
-            loss = loss + diff.square().sum() / self.denom[k, -1]
+            C = self.objective.n_logits
+            loss = loss + replay_sum(logits, a[:, :C], a[:, C:]) / self.denom[k, -1]
         # backward allocates the gradients afresh (inside a graph: from its private pool, so after a replay
         # p.grad points there; nothing reads it between steps) and the optimizer consumes them
         self.optimizer.zero_grad(set_to_none=True)

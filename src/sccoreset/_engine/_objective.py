@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -40,6 +41,15 @@ def replay_loss(logits: torch.Tensor, stored: torch.Tensor, buf_weight: torch.Te
     """
     sq = (logits.float() - stored).square().sum(1)
     return (sq * buf_weight).sum() / (buf_weight.sum() * logits.shape[1]).clamp_min(1.0)
+
+
+def replay_sum(logits: torch.Tensor, stored_masked: torch.Tensor, buf_weight: torch.Tensor) -> torch.Tensor:
+    """The numerator of :func:`replay_loss` from ``stored * buf_weight`` (``buf_weight`` 0 or 1, shape ``(n, 1)``).
+
+    ``((stored - logits) * buf_weight)**2`` summed: one fused multiply-add and a sum (the graphed step divides by
+    its denominator, computed once an epoch).
+    """
+    return torch.addcmul(stored_masked, logits.float(), buf_weight, value=-1.0).square().sum()
 
 
 class Objective:
@@ -105,6 +115,18 @@ class Objective:
                 part = -(log_p_true * wb).sum() / denom
             total = part if total is None else total + part
         return total
+
+    def summed_task_losses(self, logits: torch.Tensor, targets: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
+        """Per task, the class-weighted cross-entropy summed over rows; rows whose target is -100 are left out.
+
+        Divided by the sum of the rows' weights (``w`` of their classes), each is the task's term of
+        :meth:`__call__` (built-in loss only): one ``nll_loss`` a task, for callers that compute the
+        denominators in advance (the graphed step, once an epoch).
+        """
+        return [
+            F.cross_entropy(logits[:, lo:hi].float(), targets[:, t], weight=w[lo:hi], reduction="sum")
+            for t, (lo, hi) in enumerate(zip(self.offsets[:-1].tolist(), self.offsets[1:].tolist(), strict=True))
+        ]
 
     def mean_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The unweighted loss (what the regularizers' reference gradients and Fisher use)."""
