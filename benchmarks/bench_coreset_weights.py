@@ -1,13 +1,13 @@
 """Is the weighted coreset a faithful summary of the stream? Class proportions and per-class mean expression.
 
 Streams the cached ``bench_stream`` data (10 files x 20,000 cells x 20,000 genes; generated if missing),
-runs `tl.stream_train` with the defaults, then compares, on the gene list:
+runs `tl.stream_train` with the defaults and with ``rule="herding"``, then compares, on the gene list:
 
 - weighted class proportions of the coreset (``obs["sccoreset_weight"]``) with the stream's;
 - per-class mean log1p-normalized expression of the coreset's kept cells (weights are constant within a
   class, so the weighted class mean is the kept cells' mean) with the stream's, as relative L2 error.
 
-    python benchmarks/bench_coreset_weights.py [--quick]
+    python benchmarks/bench_coreset_weights.py [--quick] [--rules coverage herding]
 """
 
 from __future__ import annotations
@@ -26,13 +26,21 @@ DATA = Path(__file__).parent / "_data"
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--rules", nargs="+", default=["coverage", "herding"], help="selection rules to compare")
     args = p.parse_args()
     n_files, per_file = (3, 3000) if args.quick else (10, 20_000)
     stream = scc.datasets.synthetic_stream(DATA / ("weights_quick" if args.quick else "stream20k"), n_files=n_files,
                                            cells_per_file=per_file, n_genes=20_000, holdout_per_type=100,
                                            random_state=3)  # fmt: skip
     gs = scc.pp.fit_gene_space(stream.files, n_top_genes=2000)
-    cs = scc.tl.stream_train(stream.files, stream.label_key, gene_space=gs, progress=False, device="cpu")
+    for rule in args.rules:
+        print(f"--- rule={rule!r}")
+        compare(scc.tl.stream_train(stream.files, stream.label_key, gene_space=gs, rule=rule, progress=False,
+                                    device="cpu"), stream, gs)  # fmt: skip
+
+
+def compare(cs, stream, gs):
+    """Print the weighted coreset's class counts and per-class means against the stream's."""
     classes = [str(c) for c in cs.uns["sccoreset"]["classes"]]
     # the stream's per-class sums of log1p-normalized expression on the gene list, one pass; beside them the
     # sums over a uniform random sample of each class as large as the coreset's share of it (the sampling floor)

@@ -22,7 +22,7 @@ import torch
 from ._errors import InputError
 
 Score = Literal["aum", "confidence", "forgetting", "loss"]
-Rule = Literal["coverage", "top", "weighted", "forgetting", "random"]
+Rule = Literal["coverage", "top", "weighted", "forgetting", "random", "herding"]
 ClassBudget = Literal["balanced", "proportional", "merged"]
 Order = Literal["sequential", "block_shuffle", "weighted"]
 MissingLabels = Literal["skip", "error"]
@@ -137,7 +137,8 @@ class StreamConfig:
     rule: Rule = _opt(
         "coverage",
         "Selection rule within a class: ``'coverage'`` (evenly over the score range after dropping the "
-        "hardest ``drop_hard``), ``'top'``, ``'weighted'``, ``'forgetting'``, ``'random'``.",
+        "hardest ``drop_hard``), ``'top'``, ``'weighted'``, ``'forgetting'``, ``'random'``, ``'herding'`` (the "
+        "cells whose mean tracks the class's mean over the stream, for faithful weighted statistics; one process).",
     )
     class_budget: ClassBudget = _opt(
         "balanced",

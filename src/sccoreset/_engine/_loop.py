@@ -18,11 +18,13 @@ import torch
 from torch import nn
 
 from .._config import StreamConfig
+from .._errors import InputError
 from ._buffer import Buffer
 from ._distributed import broadcast_parameters, concat_by_rank, gather_objects, gather_rows, rank_world, wrap_ddp
 from ._dynamics import score_of
 from ._events import StepEvent
 from ._graphs import GraphedTrainer
+from ._herding import ClassMeans, herding_order
 from ._metrics import classification_metrics
 from ._objective import Objective, as_targets
 from ._precision import training_precision
@@ -72,6 +74,9 @@ class StreamLoop:
         Drives selection and the seeds of torch's generators.
     resume
         A :meth:`state` to continue from (the model's weights restored by the caller).
+    feature_scale
+        Rule ``"herding"``: per-feature factors mapping the features to the space whose class means the kept
+        cells track (the gene space's standard deviations: log-normalised expression); None: the features.
     """
 
     look_ahead = True  # on a GPU, fetch and upload the next chunk while training (tests turn it off)
@@ -87,6 +92,7 @@ class StreamLoop:
         eval_set: tuple[np.ndarray, np.ndarray] | None = None,
         rng: np.random.Generator,
         resume: dict[str, Any] | None = None,
+        feature_scale: np.ndarray | None = None,
     ) -> None:
         self.cfg = cfg
         self.n_classes = n_classes
@@ -129,6 +135,14 @@ class StreamLoop:
         self._ahead_wait = 0.0
         self._copy_stream = None
         self._merge_workspace: torch.Tensor | None = None  # the bfloat16 merged set, reused step after step
+        self.class_means: ClassMeans | None = None  # rule="herding": every class's running mean, built at chunk 1
+        self._feature_scale = feature_scale
+        self._resumed_means = None
+        if cfg.rule == "herding" and self.world > 1:
+            raise InputError(
+                "rule='herding' compares every candidate cell's features in one process; it does not run under "
+                f"torch.distributed (world size {self.world}). Use another rule there."
+            )
         if resume is None:
             # every rank draws the same seeds from rng (selection stays identical) and offsets them by its rank
             torch.manual_seed(int(rng.integers(2**62)) + self.rank)
@@ -149,6 +163,7 @@ class StreamLoop:
                 self.buffer = Buffer.from_arrays(resume["buffer"], self.device)
             if self.regularizer is not None and resume.get("regularizer") is not None:
                 self.regularizer.load_state_dict(resume["regularizer"])
+            self._resumed_means = resume.get("class_means")
 
     # -- one step ---------------------------------------------------------------------------------
     def steps(self, chunks: Iterable[ChunkData]) -> Iterator[StepEvent]:
@@ -241,6 +256,9 @@ class StreamLoop:
         t2 = time.perf_counter()
         stats, new, losses, starts = self._gather_step(local_stats, nb, m, chunk, losses)
         n_new = len(new.y)
+        herd = None
+        if cfg.rule == "herding":
+            herd = self._herder(buffer, chunk_X, chunk.y, chunk.index)
         self.seen_counts += np.bincount(new.y, minlength=self.n_classes)
         y = np.concatenate([buffer.y, new.y])
         all_targets = np.concatenate([buffer.targets, new.targets])
@@ -257,6 +275,7 @@ class StreamLoop:
             min_per_class=cfg.min_per_class, chunk_ids=sub(prov["chunk"]), max_chunk_fraction=cfg.max_chunk_fraction,
             forgetting=sub(stats["forgetting"]), ages=sub(prov["age"]), score_decay=cfg.score_decay,
             drop_hard=cfg.drop_hard, rng=self.rng,
+            herd=None if herd is None else (lambda idx, c, k, cap: herd(idx if cand is None else cand[idx], c, k, cap)),
         )  # fmt: skip
         if cand is not None:
             keep = cand[keep]
@@ -286,6 +305,32 @@ class StreamLoop:
                      eval_seconds=time.perf_counter() - t3)  # fmt: skip
         self.step += 1
         return event
+
+    def _herder(self, buffer: Buffer, chunk_X: torch.Tensor, chunk_y: np.ndarray, chunk_index: int):
+        """Count the chunk into the class means; return ``herd(positions, class, k, cap)`` for :func:`select`.
+
+        Positions index buffer ∪ chunk (one process: the whole chunk is this rank's).
+        """
+        if self.class_means is None:
+            self.class_means = ClassMeans(self.n_classes, chunk_X.shape[1], self._feature_scale, self.device)
+            if self._resumed_means is not None:
+                self.class_means.load_state_dict(self._resumed_means)
+            elif self.step > 0:
+                raise InputError(
+                    "resume: the checkpoint has no class means for rule='herding' (made by an older version?)."
+                )
+        means = self.class_means
+        means.add(chunk_X, chunk_y)
+        m = len(buffer)
+        chunks = np.concatenate([buffer.provenance["chunk"], np.full(len(chunk_y), chunk_index)])
+
+        def herd(idx: np.ndarray, c: int, k: int, cap: int | None) -> np.ndarray:
+            old, new = idx[idx < m], idx[idx >= m] - m
+            dev = lambda a: to_device(torch.from_numpy(a), self.device)  # noqa: E731
+            P = means.scaled(torch.cat([buffer.X[dev(old)], chunk_X[dev(new)]]))
+            return herding_order(P, means.mean(c), k, groups=chunks[idx], cap=cap)
+
+        return herd
 
     def _merged(self, bX: torch.Tensor, chunk_X: torch.Tensor) -> torch.Tensor:
         """The features of buffer ∪ chunk, the set the step trains on.
@@ -422,6 +467,7 @@ class StreamLoop:
             "optimizer": self.optimizer.state_dict(),
             "rng": self.rng.bit_generator.state,
             "regularizer": None if self.regularizer is None else self.regularizer.state_dict(),
+            "class_means": None if self.class_means is None else self.class_means.state_dict(),
             **mine,
         }
         if self.world > 1:

@@ -6,6 +6,8 @@ per-chunk caps and backfilling are applied on top of that order, so all rules sh
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from .._config import ClassBudget, Rule, check_choice
@@ -155,6 +157,7 @@ def select(
     score_decay: float | None = None,
     drop_hard: float = 0.1,
     rng: np.random.Generator | None = None,
+    herd: Callable[[np.ndarray, int, int, int | None], np.ndarray] | None = None,
 ) -> np.ndarray:
     """Indices (sorted, unique) of the ``min(m, n)`` cells to keep.
 
@@ -185,6 +188,9 @@ def select(
         Fraction of hardest cells the ``"coverage"`` rule leaves out.
     rng
         Random generator.
+    herd
+        Rule ``"herding"``: ``herd(cells, class, k, cap)`` returns ``k`` of ``cells`` picked by herding, at most
+        ``cap`` per chunk while other chunks have cells (see :mod:`sccoreset._engine._herding`).
     """
     labels = np.asarray(labels, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float64)
@@ -194,6 +200,8 @@ def select(
     if m < 0:
         raise InputError(f"buffer_size must be non-negative, got {m}.")
     check_choice("rule", rule, Rule)
+    if rule == "herding" and herd is None:
+        raise InputError("select: rule='herding' needs herd=, which sees the cells' features.")
     rng = np.random.default_rng() if rng is None else rng
     forgetting = np.zeros(n) if forgetting is None else np.asarray(forgetting)
     available = np.bincount(labels, minlength=n_classes)
@@ -205,6 +213,11 @@ def select(
     starts = np.concatenate([[0], np.cumsum(available)])
     for c in np.flatnonzero(budgets):
         idx = by_class[starts[c] : starts[c + 1]]
+        if rule == "herding":
+            k = int(budgets[c])
+            capped = chunk_ids is not None and max_chunk_fraction is not None
+            keep.append(idx[herd(idx, int(c), k, max(1, int(np.ceil(max_chunk_fraction * k))) if capped else None)])
+            continue
         s = scores[idx]
         if score_decay and ages is not None:
             spread = s.std() if s.size > 1 and s.std() > 0 else 1.0

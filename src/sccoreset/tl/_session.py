@@ -229,7 +229,7 @@ class StreamRun:
         self.loop = StreamLoop(
             model, cfg, n_classes=self.budget.n_classes, task_sizes=[len(t) for t in self.tasks],
             device=self.device, eval_set=eval_set, rng=rng,
-            resume=None if saved is None else saved["engine"],
+            resume=None if saved is None else saved["engine"], feature_scale=gene_space.std,
         )  # fmt: skip
         self.prepare_seconds = time.perf_counter() - self.t_start
 
