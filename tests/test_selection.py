@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sccoreset._config import Rule, choices
+from sccoreset._engine._herding import herding_order
 from sccoreset._engine._selection import class_budgets, coverage_order, select
 
 RULES = choices(Rule)
@@ -25,6 +27,16 @@ def candidates(draw):
     return n_classes, labels, scores, chunks, m
 
 
+def herd_on(features: np.ndarray, chunks: np.ndarray | None):
+    """A ``herd=`` callable for :func:`select`: herding on ``features`` toward each class's candidates' mean."""
+    P = torch.from_numpy(np.asarray(features, np.float32)[:, None])
+
+    def herd(idx, c, k, cap):
+        return herding_order(P[idx], P[idx].mean(0), k, groups=None if chunks is None else chunks[idx], cap=cap)
+
+    return herd
+
+
 @given(
     data=candidates(),
     rule=st.sampled_from(RULES),
@@ -37,6 +49,7 @@ def test_exact_size_no_duplicates(data, rule, budget, cap, seed):
     keep = select(
         labels, scores, m, n_classes=n_classes, rule=rule, class_budget=budget, chunk_ids=chunks,
         max_chunk_fraction=cap, forgetting=np.abs(scores).astype(int), rng=np.random.default_rng(seed),
+        herd=herd_on(scores, chunks),
     )  # fmt: skip
     assert keep.size == min(m, labels.size)
     assert np.unique(keep).size == keep.size
@@ -101,11 +114,11 @@ def test_coverage_spreads_over_range_and_drops_hard_tail(n, k, drop, seed):
         assert scores[picked].max() == scores.max()  # the easy end is covered
 
 
-@given(data=candidates(), cap=st.floats(0.1, 0.9), seed=st.integers(0, 100))
-def test_chunk_cap_holds_when_it_can(data, cap, seed):
+@given(data=candidates(), cap=st.floats(0.1, 0.9), seed=st.integers(0, 100), rule=st.sampled_from(["top", "herding"]))
+def test_chunk_cap_holds_when_it_can(data, cap, seed, rule):
     n_classes, labels, scores, chunks, m = data
-    keep = select(labels, scores, m, n_classes=n_classes, rule="top", chunk_ids=chunks, max_chunk_fraction=cap,
-                  rng=np.random.default_rng(seed))  # fmt: skip
+    keep = select(labels, scores, m, n_classes=n_classes, rule=rule, chunk_ids=chunks, max_chunk_fraction=cap,
+                  rng=np.random.default_rng(seed), herd=herd_on(scores, chunks))  # fmt: skip
     for c in np.unique(labels[keep]):
         kc = keep[labels[keep] == c]
         budget = kc.size
