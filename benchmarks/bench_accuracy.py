@@ -38,7 +38,7 @@ DATA = Path(__file__).parent / "_data"
 ROOT = Path(__file__).resolve().parent.parent
 PEER = Path(__file__).resolve().parent / "peers" / "peer_avalanche.py"
 CONFIGS = (
-    "offline", "naive", "random", "random-seen", "coverage", "top", "weighted", "forgetting", "sccoreset-random",
+    "offline", "naive", "random", "random-seen", "coverage", "top", "weighted", "forgetting", "sccoreset-random", "herding",
     "ewc", "agem", "agem-layerwise",
 )  # fmt: skip
 AVALANCHE = ("naive", "replay", "replay-class-balanced", "gdumb", "der++", "ewc", "agem", "lwf", "cumulative")
@@ -218,7 +218,7 @@ def main():
         engine_run("class-stratified random replay", **baseline)
     if want("random-seen"):
         engine_run("random replay, budgets over seen", **{**baseline, "class_budget": "proportional"})
-    for rule in ("coverage", "top", "weighted", "forgetting", "random"):
+    for rule in ("coverage", "top", "weighted", "forgetting", "random", "herding"):
         name = f"sccoreset rule={rule}" + (" (default)" if rule == "coverage" else "")
         if want(rule if rule != "random" else "sccoreset-random"):
             engine_run(name, rule=rule)
