@@ -102,6 +102,12 @@ class StreamConfig:
     balance_loss: bool = _opt(True, "Weight the loss by inverse class frequency within each merged set.")
     distill: float = _opt(0.5, "Weight of the logit-replay loss on buffer cells (0 turns it off).")
     final_epochs: int = _opt(5, "Epochs on the final buffer alone after the stream ends (0: none).")
+    refit_heads: int = _opt(
+        0,
+        "Passes over the files after the stream that retrain only the model's last linear layer (the task heads) "
+        "on every cell, the trunk frozen, with the class-balanced loss, in block-shuffled order; each pass reads "
+        "the files once more (0: the stream is read once). One process only.",
+    )
     loss: Any = _opt(
         None,
         "A callable ``loss(logits, targets, weights) -> scalar`` replacing the weighted cross-entropy, applied "
@@ -245,7 +251,7 @@ class StreamConfig:
     def _validate(self) -> None:
         for name in ("chunk_size", "buffer_size", "epochs_per_step", "batch_size", "n_top_genes", "checkpoint_every"):
             _check_int(name, getattr(self, name), low=1)
-        for name in ("min_per_class", "final_epochs"):
+        for name in ("min_per_class", "final_epochs", "refit_heads"):
             _check_int(name, getattr(self, name), low=0)
         if self.prefetch is not None:
             _check_int("prefetch", self.prefetch, low=0)

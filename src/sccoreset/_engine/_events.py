@@ -12,8 +12,9 @@ TIMINGS = ("wait_seconds", "train_seconds", "select_seconds", "eval_seconds")
 
 
 class StepEvent(TypedDict, total=False):
-    """What the loop reports after each step (``step`` is ``"final"`` for the consolidation on the final buffer).
+    """What the loop reports after each step.
 
+    ``step`` is ``"final"`` for the consolidation on the final buffer, ``"refit"`` for a pass of ``refit_heads``.
     ``n_chunk`` counts the step's cells over all ranks, ``n_local`` those this rank read (the same in one
     process). ``accuracy``, ``macro_f1`` and ``f1`` are present when evaluation data was given (of the
     first task; in a multi-task run ``task_metrics`` holds them for every task, in order).
@@ -70,7 +71,7 @@ class History:
         cls, events: Sequence[Mapping[str, Any]], n_classes: int, task_names: Sequence[str] | None = None
     ) -> History:
         """The history of ``events``; ``n_classes`` budget classes; ``task_names`` name the tasks of a multi-task run."""
-        steps = [e for e in events if e["step"] != "final"]
+        steps = [e for e in events if e["step"] not in ("final", "refit")]
         n_chunks = max((len(e["buffer_chunk_counts"]) for e in events), default=0)
         n_files = max((len(e["buffer_file_counts"]) for e in events), default=0)
         a: dict[str, np.ndarray] = {
@@ -105,8 +106,11 @@ class History:
             }
         final: dict[str, Any] = {}
         for e in events:
-            if e["step"] == "final":
-                final = {"train_loss": e["train_loss"], "epoch_losses": np.asarray(e["epoch_losses"], np.float64)}
+            if e["step"] == "refit":  # the heads retrained on a pass over the files: the model's final figures
+                final["refit_losses"] = np.append(final.get("refit_losses", np.zeros(0)), e["train_loss"])
+            if e["step"] in ("final", "refit"):
+                if e["step"] == "final":
+                    final = {"train_loss": e["train_loss"], "epoch_losses": np.asarray(e["epoch_losses"], np.float64)}
                 if "macro_f1" in e:
                     final.update(accuracy=e["accuracy"], macro_f1=e["macro_f1"], f1=np.asarray(e["f1"]))
                 if "task_metrics" in e and task_names is not None:

@@ -20,7 +20,8 @@ class EventStream:
 
     Iterating yields one dict per step (the keys of :class:`~sccoreset._engine._events.StepEvent`, plus
     ``"model"``, a reference to the model being trained, and ``"label_keys"``, ``"task_sizes"`` and ``"classes"``
-    (of the first task), which say how to read its outputs), then the final consolidation's (``step="final"``).
+    (of the first task), which say how to read its outputs), then the final consolidation's (``step="final"``),
+    then one per pass of ``refit_heads`` (``step="refit"``).
     With ``epochs=True`` every step event is preceded by one event per epoch of that step
     (``kind="epoch"``, ``step``, ``epoch``, ``train_loss``), emitted once the step's training is over.
     The files stay open until :meth:`close` (or the end of a ``with`` block).

@@ -21,6 +21,7 @@ from .._engine._distributed import barrier, broadcast_object, rank_world, shard_
 from .._engine._events import History, StepEvent
 from .._engine._loop import ChunkData, StreamLoop
 from .._engine._model import build_model, mlp_spec
+from .._engine._refit import HeadRefit
 from .._engine._train import model_device
 from .._errors import InputError
 from .._io._checks import warn_if_not_counts
@@ -158,6 +159,7 @@ class StreamRun:
         self.tasks: list[list[str]] = []
         for key, given in zip(self.label_keys, given_classes(classes, self.label_keys), strict=True):
             info = scan_sources(self.sources, key, given, missing_labels=cfg.missing_labels)
+            self._n_obs = info.n_obs
             self.tasks.append(given if given is not None else info.labels)
             if len(self.tasks[-1]) < 2:
                 raise InputError(f"obs[{key!r}]: need at least 2 classes to train, found {self.tasks[-1]}.")
@@ -300,6 +302,41 @@ class StreamRun:
         if final is not None:
             self.events.append(final)
             yield final
+            for p in range(self.cfg.refit_heads):
+                event = self._refit_pass(p)
+                self.events.append(event)
+                yield event
+
+    def _refit_pass(self, p: int) -> StepEvent:
+        """One more read of the files, in block-shuffled order, that retrains only the heads (``refit_heads``)."""
+        if self.world > 1:
+            raise InputError("refit_heads runs in one process; under torch.distributed leave it at 0.")
+        t0 = time.perf_counter()
+        loop = self.loop
+        if p == 0:
+            self._refit = HeadRefit(loop.model, loop.objective, lr=self.cfg.lr, batch_size=self.cfg.batch_size,
+                                    generator=loop.generator)  # fmt: skip
+        plan = plan_chunks(self._n_obs, self.cfg.chunk_size, order="block_shuffle", block_size=self.cfg.block_size,
+                           rng=loop.rng)  # fmt: skip
+        lookups = [pd.Index(t) for t in self.tasks]
+        losses, sizes, wait = [], [], 0.0
+        chunks = self.reader.iterate(plan, start=0, prefetch=self.prefetch)
+        while True:
+            t1 = time.perf_counter()
+            chunk = next(chunks, None)
+            wait += time.perf_counter() - t1
+            if chunk is None:
+                break
+            labels = np.asarray(chunk.labels, dtype=object).reshape(-1, len(lookups))
+            targets = np.stack([lk.get_indexer(labels[:, t]) for t, lk in enumerate(lookups)], 1).astype(np.int64)
+            X = torch.from_numpy(chunk.X).to(loop.device, non_blocking=True)
+            losses.append(self._refit.fit_chunk(X, targets))
+            sizes.append(len(targets))
+        mean = float(np.average(losses, weights=sizes)) if sizes else float("nan")
+        event = loop._event("refit", None, [mean])
+        event.update(wait_seconds=wait, train_seconds=time.perf_counter() - t0 - wait, select_seconds=0.0,
+                     eval_seconds=0.0, refit_pass=p, n_chunk=int(sum(sizes)))  # fmt: skip
+        return event
 
     def _maybe_checkpoint(self) -> None:
         cfg, step = self.cfg, self.loop.step

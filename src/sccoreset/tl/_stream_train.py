@@ -100,7 +100,7 @@ def stream_train(
         ) as bar,
     ):  # fmt: skip
         for event in events:
-            if event["step"] == "final":
+            if event["step"] in ("final", "refit"):
                 continue
             bar.update(1)
             if "macro_f1" in event:
