@@ -53,10 +53,18 @@ def test_refit_needs_the_model_output_to_be_its_last_linear_layer(small_stream):
     n_classes = 12
     model = torch.nn.Sequential(torch.nn.Linear(100, 16), torch.nn.ReLU(), torch.nn.Linear(16, n_classes),
                                 torch.nn.Tanh())  # fmt: skip
-    with pytest.raises(InputError, match="refit_heads: the model's output is not its last torch.nn.Linear"):
+    with pytest.raises(InputError, match=r"refit_heads: the model.s output is not its last torch\.nn\.Linear"):
         scc.tl.stream_train(small_stream.files, "cell_type", model=model, refit_heads=1, **FAST)
 
 
 def test_refit_heads_is_checked():
     with pytest.raises(InputError, match="refit_heads must be"):
         scc.tl.StreamConfig(refit_heads=-1)
+
+
+def test_refit_is_refused_under_torch_distributed_before_any_training(small_stream, monkeypatch):
+    import sccoreset.tl._session as session
+
+    monkeypatch.setattr(session, "rank_world", lambda: (0, 2))
+    with pytest.raises(InputError, match=r"refit_heads runs in one process; under torch\.distributed"):
+        scc.tl.stream_train(small_stream.files, "cell_type", refit_heads=1, **FAST)

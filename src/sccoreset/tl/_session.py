@@ -177,6 +177,9 @@ class StreamRun:
                 f"times min_per_class ({cfg.min_per_class})."
             )
         self.rank, self.world = rank_world()
+        if cfg.refit_heads and self.world > 1:  # refused before any training, not after the stream
+            raise InputError(f"refit_heads runs in one process; under torch.distributed (world size {self.world}) "
+                             "leave it at 0.")  # fmt: skip
         self.fingerprint = files_fingerprint(self.sources)
         saved = read_checkpoint(cfg.checkpoint_dir) if cfg.resume else None
         if saved is not None:
@@ -284,10 +287,7 @@ class StreamRun:
         lookups = [pd.Index(t) for t in self.tasks]
         plan = shard_plan(self.plan, self.rank, self.world) if self.world > 1 else self.plan
         for chunk in self.reader.iterate(plan, start=self.loop.step, prefetch=self.prefetch):
-            labels = np.asarray(chunk.labels, dtype=object).reshape(-1, len(lookups))  # a rank's share may be empty
-            targets = np.empty(labels.shape, dtype=np.int64)
-            for t, lookup in enumerate(lookups):  # every label is in the scanned set
-                targets[:, t] = lookup.get_indexer(labels[:, t])
+            targets = chunk_targets(chunk.labels, lookups)
             prov = {"file": chunk.file_index.astype(np.int64), "row": chunk.row}
             yield ChunkData(chunk.index, chunk.X, self.budget.codes(targets), prov,
                             n_skipped=int(getattr(chunk, "n_skipped", 0)), targets=targets)  # fmt: skip
@@ -309,8 +309,6 @@ class StreamRun:
 
     def _refit_pass(self, p: int) -> StepEvent:
         """One more read of the files, in block-shuffled order, that retrains only the heads (``refit_heads``)."""
-        if self.world > 1:
-            raise InputError("refit_heads runs in one process; under torch.distributed leave it at 0.")
         t0 = time.perf_counter()
         loop = self.loop
         if p == 0:
@@ -321,17 +319,18 @@ class StreamRun:
         lookups = [pd.Index(t) for t in self.tasks]
         losses, sizes, wait = [], [], 0.0
         chunks = self.reader.iterate(plan, start=0, prefetch=self.prefetch)
-        while True:
-            t1 = time.perf_counter()
-            chunk = next(chunks, None)
-            wait += time.perf_counter() - t1
-            if chunk is None:
-                break
-            labels = np.asarray(chunk.labels, dtype=object).reshape(-1, len(lookups))
-            targets = np.stack([lk.get_indexer(labels[:, t]) for t, lk in enumerate(lookups)], 1).astype(np.int64)
-            X = torch.from_numpy(chunk.X).to(loop.device, non_blocking=True)
-            losses.append(self._refit.fit_chunk(X, targets))
-            sizes.append(len(targets))
+        try:
+            while True:
+                t1 = time.perf_counter()
+                chunk = next(chunks, None)
+                wait += time.perf_counter() - t1
+                if chunk is None:
+                    break
+                targets = chunk_targets(chunk.labels, lookups)
+                losses.append(self._refit.fit_chunk(torch.from_numpy(chunk.X).to(loop.device), targets))
+                sizes.append(len(targets))
+        finally:  # stopped early or failed: the reading threads stop
+            chunks.close()
         mean = float(np.average(losses, weights=sizes)) if sizes else float("nan")
         event = loop._event("refit", None, [mean])
         event.update(wait_seconds=wait, train_seconds=time.perf_counter() - t0 - wait, select_seconds=0.0,
@@ -375,6 +374,15 @@ class StreamRun:
         )  # fmt: skip
         adata.uns[self.cfg.key_added]["params"]["coreset_seconds"] = time.perf_counter() - t0
         return adata
+
+
+def chunk_targets(labels: Any, lookups: Sequence[pd.Index]) -> np.ndarray:
+    """Integer targets ``(n, n_tasks)`` of a chunk's labels (every label is in the scanned set; a share may be empty)."""
+    labels = np.asarray(labels, dtype=object).reshape(-1, len(lookups))
+    targets = np.empty(labels.shape, dtype=np.int64)
+    for t, lookup in enumerate(lookups):
+        targets[:, t] = lookup.get_indexer(labels[:, t])
+    return targets
 
 
 def describe(event: StepEvent) -> str:
