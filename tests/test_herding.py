@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import sccoreset as scc
 import sccoreset._engine._loop as loop_mod
-from sccoreset._engine._herding import ClassMeans, herding_order
+from sccoreset._engine._herding import ClassMeans, herd_classes, herding_order
 from sccoreset._engine._selection import select
 from sccoreset._errors import InputError
 
@@ -73,8 +73,7 @@ def test_herded_mean_beats_a_random_sample_of_the_same_size():
 def test_class_means_count_every_cell_in_the_scaled_space():
     means = ClassMeans(3, 2, np.array([1.0, 10.0]), torch.device("cpu"))
     means.add(torch.tensor([[1.0, 1.0], [3.0, 2.0], [5.0, 0.0]]), np.array([0, 0, 2]))
-    np.testing.assert_allclose(means.mean(0).numpy(), [2.0, 15.0])
-    np.testing.assert_allclose(means.mean(2).numpy(), [5.0, 0.0])
+    np.testing.assert_allclose(means.means(np.array([0, 2])).numpy(), [[2.0, 15.0], [5.0, 0.0]])
     assert means.counts.tolist() == [2, 0, 1]
     again = ClassMeans(3, 2, np.array([1.0, 10.0]), torch.device("cpu"))
     again.load_state_dict(means.state_dict())
@@ -90,14 +89,38 @@ def test_select_with_herding_keeps_the_budgets_and_passes_the_chunk_cap():
     labels = np.repeat([0, 1], 10)
     calls = []
 
-    def herd(idx, c, k, cap):
-        calls.append((c, k, cap))
-        return np.arange(k)[::-1]  # positions into idx
+    def herd(cells, classes, ks, caps):
+        calls.append(([c.tolist() for c in cells], classes.tolist(), ks, caps))
+        return [np.arange(k)[::-1] for k in ks]  # positions into each class's cells
 
     keep = select(labels, np.zeros(20), 6, n_classes=2, rule="herding", class_budget="balanced",
                   chunk_ids=np.zeros(20, np.int64), max_chunk_fraction=0.5, herd=herd)  # fmt: skip
-    assert sorted(calls) == [(0, 3, 2), (1, 3, 2)]
+    assert calls == [([list(range(10)), list(range(10, 20))], [0, 1], [3, 3], [2, 2])]
     assert keep.tolist() == [0, 1, 2, 10, 11, 12]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 30), min_size=1, max_size=5),
+    d=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+    capped=st.booleans(),
+)
+def test_herding_classes_together_equals_herding_each_alone(sizes, d, seed, capped):
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    P = torch.from_numpy(rng.normal(size=(n, d)).astype(np.float32))
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+    owner = owner[rng.permutation(n)]  # rows of a class need not be together
+    targets = torch.from_numpy(rng.normal(size=(len(sizes), d)).astype(np.float32))
+    ks = [int(rng.integers(0, s + 2)) for s in sizes]
+    groups = rng.integers(0, 3, n)
+    caps = [int(rng.integers(1, 4)) if capped else None for _ in sizes]
+    together = herd_classes(P, owner, targets, ks, groups=groups, caps=caps)
+    for c in range(len(sizes)):
+        rows = np.flatnonzero(owner == c)
+        alone = herding_order(P[rows], targets[c], ks[c], groups=groups[rows], cap=caps[c])
+        assert together[c].tolist() == rows[alone].tolist()
 
 
 @pytest.fixture(scope="module")

@@ -31,8 +31,11 @@ def herd_on(features: np.ndarray, chunks: np.ndarray | None):
     """A ``herd=`` callable for :func:`select`: herding on ``features`` toward each class's candidates' mean."""
     P = torch.from_numpy(np.asarray(features, np.float32)[:, None])
 
-    def herd(idx, c, k, cap):
-        return herding_order(P[idx], P[idx].mean(0), k, groups=None if chunks is None else chunks[idx], cap=cap)
+    def herd(cells, classes, ks, caps):
+        return [
+            herding_order(P[idx], P[idx].mean(0), k, groups=None if chunks is None else chunks[idx], cap=cap)
+            for idx, k, cap in zip(cells, ks, caps, strict=True)
+        ]
 
     return herd
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+BLOCK_BYTES = 256 << 20  # the padded (classes, rows, features) block of one batch of classes
+
 
 class ClassMeans:
     """Running per-class sums of (scaled) features over every cell the stream has shown.
@@ -48,8 +50,11 @@ class ClassMeans:
             self.sums.index_add_(0, idx, self.scaled(X).double())
             self.counts += np.bincount(y, minlength=len(self.counts))
 
-    def mean(self, c: int) -> torch.Tensor:
-        return (self.sums[c] / max(int(self.counts[c]), 1)).float()
+    def means(self, classes: np.ndarray) -> torch.Tensor:
+        """The running means of ``classes`` (float32, one row each)."""
+        idx = torch.from_numpy(np.asarray(classes, np.int64)).to(self.sums.device)
+        n = torch.from_numpy(np.maximum(self.counts[np.asarray(classes, np.int64)], 1)).to(self.sums.device)
+        return (self.sums[idx] / n[:, None]).float()
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {"sums": self.sums.cpu().numpy(), "counts": self.counts.copy()}
@@ -78,48 +83,106 @@ def herding_order(
 
     Returns positions into ``P``, in pick order; all of ``range(n)`` when ``k >= n`` (every row is kept).
     """
-    n = P.shape[0]
-    k = min(int(k), n)
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    if k == n:
-        return np.arange(n, dtype=np.int64)
+    return herd_classes(
+        P, np.zeros(len(P), np.int64), target[None], [k], groups=groups, caps=[cap], exchange_passes=exchange_passes
+    )[0]
+
+
+def herd_classes(
+    P: torch.Tensor,
+    classes: np.ndarray,
+    targets: torch.Tensor,
+    ks: list[int],
+    *,
+    groups: np.ndarray | None = None,
+    caps: list[int | None] | None = None,
+    exchange_passes: int = 1,
+) -> list[np.ndarray]:
+    """:func:`herding_order` for several classes at once: one pick of every class per kernel launch.
+
+    ``classes[i]`` (in ``range(len(ks))``) is row ``i``'s class, ``targets[c]`` and ``ks[c]`` class ``c``'s target
+    and number of picks, ``caps[c]`` its per-group cap (None: none). The classes' rows are laid out in a padded
+    ``(classes, rows, features)`` block, so each pick is a handful of batched operations whatever the number
+    of classes (on a GPU, per-class loops cost a launch per operation per class). Returns, per class, positions
+    into ``P`` in pick order.
+    """
+    n_cls = len(ks)
+    classes = np.asarray(classes, dtype=np.int64)
+    members = [np.flatnonzero(classes == c) for c in range(n_cls)]
+    out: list[np.ndarray] = [m if int(k) >= len(m) else np.zeros(0, np.int64) for m, k in zip(members, ks, strict=True)]
+    todo = sorted((c for c in range(n_cls) if 0 < int(ks[c]) < len(members[c])), key=lambda c: len(members[c]))
+    # on a GPU, batches of classes of similar sizes (padding at most doubles a class) whose padded block stays
+    # within BLOCK_BYTES; on a CPU, where a launch is cheap and padding is not, one class at a time
+    batch: list[int] = []
+    for c in todo:
+        n_c = len(members[c])
+        full = batch and (
+            P.device.type == "cpu"
+            or n_c > 2 * len(members[batch[0]])
+            or (len(batch) + 1) * n_c * P.shape[1] * 4 > BLOCK_BYTES
+        )
+        if full:
+            _herd_batch(P, members, batch, targets, ks, groups, caps, exchange_passes, out)
+            batch = []
+        batch.append(c)
+    if batch:
+        _herd_batch(P, members, batch, targets, ks, groups, caps, exchange_passes, out)
+    return out
+
+
+def _herd_batch(P, members, todo, targets, ks, groups, caps, exchange_passes, out) -> None:
+    """Herd the classes ``todo`` in one padded block; write their picks into ``out``."""
     device = P.device
-    P = P.float()
-    sq = (P * P).sum(1)
-    to_target = P @ target.float()  # x . target
-    to_sum = torch.zeros(n, device=device)  # x . S
-    open_ = torch.ones(n, dtype=torch.bool, device=device)
-    picked = torch.empty(k, dtype=torch.int64, device=device)
-    columns = torch.empty((k, n), device=device)  # P @ x for each picked x: what its removal takes off to_sum
-    capped = cap is not None and groups is not None
+    width = max(len(members[c]) for c in todo)
+    pos = np.full((len(todo), width), -1, dtype=np.int64)
+    for r, c in enumerate(todo):
+        pos[r, : len(members[c])] = members[c]
+    pos_t = torch.from_numpy(pos).to(device)
+    valid = pos_t >= 0
+    X = P.float()[pos_t.clamp_min(0)] * valid[..., None]  # (classes, rows, features); padding rows are zeros
+    k = torch.tensor([int(ks[c]) for c in todo], device=device)
+    k_max = int(max(int(ks[c]) for c in todo))
+    sq = (X * X).sum(2)
+    to_target = torch.einsum("crf,cf->cr", X, targets[todo].float())
+    to_sum = torch.zeros_like(sq)
+    open_ = valid.clone()
+    picked = torch.zeros((len(todo), k_max), dtype=torch.int64, device=device)
+    columns = torch.zeros((len(todo), k_max, width), device=device)  # X @ x for each picked x
+    rows = torch.arange(len(todo), device=device)
+    capped = groups is not None and caps is not None and any(caps[c] is not None for c in todo)
     if capped:
-        g = torch.from_numpy(np.unique(groups, return_inverse=True)[1].astype(np.int64)).to(device)
-        taken = torch.zeros(int(g.max()) + 1, dtype=torch.int64, device=device)
+        g_all = np.unique(np.asarray(groups), return_inverse=True)[1].astype(np.int64)
+        g = torch.from_numpy(np.where(pos >= 0, g_all[np.maximum(pos, 0)], 0)).to(device)
+        cap = torch.tensor([caps[c] if caps[c] is not None else width for c in todo], device=device)
+        taken = torch.zeros((len(todo), int(g_all.max()) + 1), dtype=torch.int64, device=device)
     inf = torch.tensor(float("inf"), device=device)
 
-    def put(slot: int, j: int) -> None:
-        cost = sq - 2.0 * (j * to_target - to_sum)
+    def put(slot: int, scale: torch.Tensor, active: torch.Tensor) -> None:
+        cost = sq - 2.0 * (scale[:, None] * to_target - to_sum)
         allowed = open_
         if capped:  # rows of groups under their cap, or any open row once every group is full
-            under = open_ & (taken[g] < cap)
-            allowed = torch.where(under.any(), under, open_)
-        i = torch.argmin(torch.where(allowed, cost, inf))
-        picked[slot] = i
-        open_[i] = False
-        torch.mv(P, P[i], out=columns[slot])
-        to_sum.add_(columns[slot])
+            under = open_ & (taken.gather(1, g) < cap[:, None])
+            allowed = torch.where(under.any(1, keepdim=True), under, open_)
+        i = torch.argmin(torch.where(allowed, cost, inf), dim=1)
+        picked[:, slot] = torch.where(active, i, picked[:, slot])
+        open_[rows, i] &= ~active
+        col = torch.bmm(X, X[rows, i][:, :, None])[..., 0] * active[:, None]
+        columns[:, slot] = torch.where(active[:, None], col, columns[:, slot])
+        to_sum.add_(col)
         if capped:
-            taken[g[i]] += 1
+            taken[rows, g[rows, i]] += active.long()
 
-    for j in range(k):
-        put(j, j + 1)
+    for j in range(k_max):
+        put(j, torch.full_like(k, j + 1, dtype=torch.float32), j < k)
     for _ in range(exchange_passes):
-        for slot in range(k):
-            i = picked[slot]
-            open_[i] = True
-            to_sum.sub_(columns[slot])
+        for slot in range(k_max):
+            active = slot < k
+            i = picked[:, slot]
+            open_[rows, i] |= active
+            to_sum.sub_(columns[:, slot] * active[:, None])
             if capped:
-                taken[g[i]] -= 1
-            put(slot, k)
-    return picked.cpu().numpy()
+                taken[rows, g[rows, i]] -= active.long()
+            put(slot, k.float(), active)
+    picked_host = picked.cpu().numpy()
+    for r, c in enumerate(todo):
+        out[c] = pos[r, picked_host[r, : int(ks[c])]]

@@ -24,7 +24,7 @@ from ._distributed import broadcast_parameters, concat_by_rank, gather_objects, 
 from ._dynamics import score_of
 from ._events import StepEvent
 from ._graphs import GraphedTrainer
-from ._herding import ClassMeans, herding_order
+from ._herding import ClassMeans, herd_classes
 from ._metrics import classification_metrics
 from ._objective import Objective, as_targets
 from ._precision import training_precision
@@ -275,7 +275,7 @@ class StreamLoop:
             min_per_class=cfg.min_per_class, chunk_ids=sub(prov["chunk"]), max_chunk_fraction=cfg.max_chunk_fraction,
             forgetting=sub(stats["forgetting"]), ages=sub(prov["age"]), score_decay=cfg.score_decay,
             drop_hard=cfg.drop_hard, rng=self.rng,
-            herd=None if herd is None else (lambda idx, c, k, cap: herd(idx if cand is None else cand[idx], c, k, cap)),
+            herd=herd if herd is None or cand is None else (lambda cells, *a: herd([cand[i] for i in cells], *a)),
         )  # fmt: skip
         if cand is not None:
             keep = cand[keep]
@@ -307,9 +307,9 @@ class StreamLoop:
         return event
 
     def _herder(self, buffer: Buffer, chunk_X: torch.Tensor, chunk_y: np.ndarray, chunk_index: int):
-        """Count the chunk into the class means; return ``herd(positions, class, k, cap)`` for :func:`select`.
+        """Count the chunk into the class means; return the ``herd(cells, classes, ks, caps)`` of :func:`select`.
 
-        Positions index buffer ∪ chunk (one process: the whole chunk is this rank's).
+        Cells are positions in buffer ∪ chunk (one process: the whole chunk is this rank's).
         """
         if self.class_means is None:
             self.class_means = ClassMeans(self.n_classes, chunk_X.shape[1], self._feature_scale, self.device)
@@ -324,11 +324,19 @@ class StreamLoop:
         m = len(buffer)
         chunks = np.concatenate([buffer.provenance["chunk"], np.full(len(chunk_y), chunk_index)])
 
-        def herd(idx: np.ndarray, c: int, k: int, cap: int | None) -> np.ndarray:
-            old, new = idx[idx < m], idx[idx >= m] - m
+        def herd(cells: list[np.ndarray], classes: np.ndarray, ks: list[int], caps: list[int | None]) -> list:
+            idx = np.concatenate(cells)
+            P = torch.empty((len(idx), chunk_X.shape[1]), dtype=torch.float32, device=self.device)
+            old, new = np.flatnonzero(idx < m), np.flatnonzero(idx >= m)
             dev = lambda a: to_device(torch.from_numpy(a), self.device)  # noqa: E731
-            P = means.scaled(torch.cat([buffer.X[dev(old)], chunk_X[dev(new)]]))
-            return herding_order(P, means.mean(c), k, groups=chunks[idx], cap=cap)
+            P[dev(old)] = buffer.X[dev(idx[old])].float()
+            P[dev(new)] = chunk_X[dev(idx[new] - m)].float()
+            sizes = [len(c) for c in cells]
+            owner = np.repeat(np.arange(len(cells)), sizes)
+            targets = means.means(classes)
+            picks = herd_classes(means.scaled(P), owner, targets, ks, groups=chunks[idx], caps=caps)
+            starts = np.concatenate([[0], np.cumsum(sizes)])
+            return [p - starts[r] for r, p in enumerate(picks)]
 
         return herd
 

@@ -157,7 +157,7 @@ def select(
     score_decay: float | None = None,
     drop_hard: float = 0.1,
     rng: np.random.Generator | None = None,
-    herd: Callable[[np.ndarray, int, int, int | None], np.ndarray] | None = None,
+    herd: Callable[[list[np.ndarray], np.ndarray, list[int], list[int | None]], list[np.ndarray]] | None = None,
 ) -> np.ndarray:
     """Indices (sorted, unique) of the ``min(m, n)`` cells to keep.
 
@@ -189,8 +189,9 @@ def select(
     rng
         Random generator.
     herd
-        Rule ``"herding"``: ``herd(cells, class, k, cap)`` returns ``k`` of ``cells`` picked by herding, at most
-        ``cap`` per chunk while other chunks have cells (see :mod:`sccoreset._engine._herding`).
+        Rule ``"herding"``: ``herd(cells, classes, ks, caps)`` takes every budgeted class's candidate cells and
+        returns, per class, the positions in its ``cells`` of the ``ks[c]`` cells picked by herding, at most
+        ``caps[c]`` per chunk while other chunks have cells (see :mod:`sccoreset._engine._herding`).
     """
     labels = np.asarray(labels, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float64)
@@ -211,13 +212,16 @@ def select(
     # every class's cells in index order, one sort for all (a radix sort on the smallest integer type)
     by_class = np.argsort(labels.astype(np.min_scalar_type(max(available.size - 1, 0))), kind="stable")
     starts = np.concatenate([[0], np.cumsum(available)])
-    for c in np.flatnonzero(budgets):
+    if rule == "herding":  # every class at once: herding batches them
+        classes = np.flatnonzero(budgets)
+        cells = [by_class[starts[c] : starts[c + 1]] for c in classes]
+        ks = [int(budgets[c]) for c in classes]
+        capped = chunk_ids is not None and max_chunk_fraction is not None
+        caps = [max(1, int(np.ceil(max_chunk_fraction * k))) if capped else None for k in ks]
+        if cells:
+            keep = [idx[picked] for idx, picked in zip(cells, herd(cells, classes, ks, caps), strict=True)]
+    for c in np.flatnonzero(budgets) if rule != "herding" else []:
         idx = by_class[starts[c] : starts[c + 1]]
-        if rule == "herding":
-            k = int(budgets[c])
-            capped = chunk_ids is not None and max_chunk_fraction is not None
-            keep.append(idx[herd(idx, int(c), k, max(1, int(np.ceil(max_chunk_fraction * k))) if capped else None)])
-            continue
         s = scores[idx]
         if score_decay and ages is not None:
             spread = s.std() if s.size > 1 and s.std() > 0 else 1.0
