@@ -6,7 +6,7 @@ closest to a target: the running mean of every cell of the class the stream has 
 mean is off by the cells' own noise over the square root of the sample size; herding picks cells whose
 noise cancels, so weighted statistics of the coreset (pseudobulk means) follow the stream more closely.
 
-Pure torch on whatever device holds the features; one host synchronisation per class.
+Pure torch on whatever device holds the features; one host synchronisation per batch of classes.
 """
 
 from __future__ import annotations
