@@ -1,13 +1,14 @@
 """Is the weighted coreset a faithful summary of the stream? Class proportions and per-class mean expression.
 
-Streams the cached ``bench_stream`` data (10 files x 20,000 cells x 20,000 genes; generated if missing),
+Streams the cached ``bench_stream`` data (10 files x 20,000 cells x 20,000 genes; generated if missing; with
+``--stream accuracy`` bench_accuracy.py's stream and its buffer of 1%),
 runs `tl.stream_train` with the defaults and with ``rule="herding"``, then compares, on the gene list:
 
 - weighted class proportions of the coreset (``obs["sccoreset_weight"]``) with the stream's;
 - per-class mean log1p-normalized expression of the coreset's kept cells (weights are constant within a
   class, so the weighted class mean is the kept cells' mean) with the stream's, as relative L2 error.
 
-    python benchmarks/bench_coreset_weights.py [--quick] [--rules coverage herding]
+    python benchmarks/bench_coreset_weights.py [--quick] [--rules coverage herding] [--stream accuracy]
 """
 
 from __future__ import annotations
@@ -27,16 +28,28 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rules", nargs="+", default=["coverage", "herding"], help="selection rules to compare")
+    p.add_argument(
+        "--stream", choices=["stream", "accuracy"], default="stream",
+        help="bench_stream.py's stream (buffer 2,000) or bench_accuracy.py's (10 x 10,000 cells, 5,000 genes, "
+        "a late and a rare type, buffer 1%%)",
+    )  # fmt: skip
     args = p.parse_args()
-    n_files, per_file = (3, 3000) if args.quick else (10, 20_000)
-    stream = scc.datasets.synthetic_stream(DATA / ("weights_quick" if args.quick else "stream20k"), n_files=n_files,
-                                           cells_per_file=per_file, n_genes=20_000, holdout_per_type=100,
-                                           random_state=3)  # fmt: skip
+    buffer = {}
+    if args.quick:
+        stream = scc.datasets.synthetic_stream(DATA / "weights_quick", n_files=3, cells_per_file=3000, n_genes=20_000,
+                                               holdout_per_type=100, random_state=3)  # fmt: skip
+    elif args.stream == "accuracy":
+        stream = scc.datasets.synthetic_stream(DATA / "acc", n_files=10, cells_per_file=10_000, n_genes=5000,
+                                               missing_gene_fraction=0.02, holdout_per_type=300, random_state=7)  # fmt: skip
+        buffer = {"buffer_size": 1000}
+    else:
+        stream = scc.datasets.synthetic_stream(DATA / "stream20k", n_files=10, cells_per_file=20_000, n_genes=20_000,
+                                               holdout_per_type=100, random_state=3)  # fmt: skip
     gs = scc.pp.fit_gene_space(stream.files, n_top_genes=2000)
     for rule in args.rules:
         print(f"--- rule={rule!r}")
         compare(scc.tl.stream_train(stream.files, stream.label_key, gene_space=gs, rule=rule, progress=False,
-                                    device="cpu"), stream, gs)  # fmt: skip
+                                    device="cpu", **buffer), stream, gs)  # fmt: skip
 
 
 def compare(cs, stream, gs):
