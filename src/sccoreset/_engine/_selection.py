@@ -212,32 +212,36 @@ def select(
     # every class's cells in index order, one sort for all (a radix sort on the smallest integer type)
     by_class = np.argsort(labels.astype(np.min_scalar_type(max(available.size - 1, 0))), kind="stable")
     starts = np.concatenate([[0], np.cumsum(available)])
-    if rule == "herding":  # every class at once: herding batches them
-        classes = np.flatnonzero(budgets)
-        cells = [by_class[starts[c] : starts[c + 1]] for c in classes]
+    classes = np.flatnonzero(budgets)
+    cells = [by_class[starts[c] : starts[c + 1]] for c in classes]
+    capped = chunk_ids is not None and max_chunk_fraction is not None
+    if rule == "herding" and cells:  # every class at once: herding batches them
         ks = [int(budgets[c]) for c in classes]
-        capped = chunk_ids is not None and max_chunk_fraction is not None
-        caps = [max(1, int(np.ceil(max_chunk_fraction * k))) if capped else None for k in ks]
-        if cells:
-            keep = [idx[picked] for idx, picked in zip(cells, herd(cells, classes, ks, caps), strict=True)]
-    for c in np.flatnonzero(budgets) if rule != "herding" else []:
-        idx = by_class[starts[c] : starts[c + 1]]
-        s = scores[idx]
-        if score_decay and ages is not None:
-            spread = s.std() if s.size > 1 and s.std() > 0 else 1.0
-            s = s - score_decay * spread * np.asarray(ages)[idx]
-        order = idx[priority_order(rule, s, forgetting[idx], int(budgets[c]), rng, drop_hard=drop_hard)]
-        keep.append(_take_with_caps(order, int(budgets[c]), chunk_ids, max_chunk_fraction))
+        caps = [_chunk_cap(k, max_chunk_fraction) if capped else None for k in ks]
+        keep = [idx[picked] for idx, picked in zip(cells, herd(cells, classes, ks, caps), strict=True)]
+    elif rule != "herding":
+        for c, idx in zip(classes, cells, strict=True):
+            s = scores[idx]
+            if score_decay and ages is not None:
+                spread = s.std() if s.size > 1 and s.std() > 0 else 1.0
+                s = s - score_decay * spread * np.asarray(ages)[idx]
+            order = idx[priority_order(rule, s, forgetting[idx], int(budgets[c]), rng, drop_hard=drop_hard)]
+            keep.append(_take_with_caps(order, int(budgets[c]), chunk_ids, max_chunk_fraction))
     if not keep:
         return np.zeros(0, dtype=np.int64)
     return np.sort(np.concatenate(keep))
+
+
+def _chunk_cap(k: int, max_fraction: float) -> int:
+    """Most cells of a class's budget ``k`` that may come from one chunk."""
+    return max(1, int(np.ceil(max_fraction * k)))
 
 
 def _take_with_caps(order: np.ndarray, k: int, chunk_ids: np.ndarray | None, max_fraction: float | None) -> np.ndarray:
     """First ``k`` of ``order``, at most ``ceil(max_fraction * k)`` per chunk, backfilled in order."""
     if chunk_ids is None or max_fraction is None or k == 0:
         return order[:k]
-    cap = max(1, int(np.ceil(max_fraction * k)))
+    cap = _chunk_cap(k, max_fraction)
     chunks = np.asarray(chunk_ids)[order]
     if chunks.size and chunks.dtype.kind in "iu" and chunks.min() >= 0:  # a radix sort on the smallest type
         chunks = chunks.astype(np.min_scalar_type(chunks.max()))
