@@ -105,19 +105,20 @@ class History:
                 for t, name in enumerate(task_names)
             }
         final: dict[str, Any] = {}
-        for e in events:
-            if e["step"] == "refit":  # the heads retrained on a pass over the files: the model's final figures
+        for e in events:  # the consolidation, then any refit passes: the last one's metrics are the model's
+            if e["step"] == "final":
+                final = {"train_loss": e["train_loss"], "epoch_losses": np.asarray(e["epoch_losses"], np.float64)}
+            elif e["step"] == "refit":
                 final["refit_losses"] = np.append(final.get("refit_losses", np.zeros(0)), e["train_loss"])
-            if e["step"] in ("final", "refit"):
-                if e["step"] == "final":
-                    final = {"train_loss": e["train_loss"], "epoch_losses": np.asarray(e["epoch_losses"], np.float64)}
-                if "macro_f1" in e:
-                    final.update(accuracy=e["accuracy"], macro_f1=e["macro_f1"], f1=np.asarray(e["f1"]))
-                if "task_metrics" in e and task_names is not None:
-                    final["tasks"] = {
-                        name: {k: np.asarray(v) if k == "f1" else v for k, v in e["task_metrics"][t].items()}
-                        for t, name in enumerate(task_names)
-                    }
+            else:
+                continue
+            if "macro_f1" in e:
+                final.update(accuracy=e["accuracy"], macro_f1=e["macro_f1"], f1=np.asarray(e["f1"]))
+            if "task_metrics" in e and task_names is not None:
+                final["tasks"] = {
+                    name: {k: np.asarray(v) if k == "f1" else v for k, v in e["task_metrics"][t].items()}
+                    for t, name in enumerate(task_names)
+                }
         return cls(a, final)
 
     def __len__(self) -> int:
