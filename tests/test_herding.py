@@ -116,7 +116,8 @@ def test_herding_classes_together_equals_herding_each_alone(sizes, d, seed, capp
     ks = [int(rng.integers(0, s + 2)) for s in sizes]
     groups = rng.integers(0, 3, n)
     caps = [int(rng.integers(1, 4)) if capped else None for _ in sizes]
-    together = herd_classes(P, owner, targets, ks, groups=groups, caps=caps)
+    together = herd_classes(P, [np.flatnonzero(owner == c) for c in range(len(sizes))], targets, ks, groups=groups,
+                            caps=caps)  # fmt: skip
     for c in range(len(sizes)):
         rows = np.flatnonzero(owner == c)
         alone = herding_order(P[rows], targets[c], ks[c], groups=groups[rows], cap=caps[c])

@@ -83,14 +83,13 @@ def herding_order(
 
     Returns positions into ``P``, in pick order; all of ``range(n)`` when ``k >= n`` (every row is kept).
     """
-    return herd_classes(
-        P, np.zeros(len(P), np.int64), target[None], [k], groups=groups, caps=[cap], exchange_passes=exchange_passes
-    )[0]
+    rows = np.arange(len(P), dtype=np.int64)
+    return herd_classes(P, [rows], target[None], [k], groups=groups, caps=[cap], exchange_passes=exchange_passes)[0]
 
 
 def herd_classes(
     P: torch.Tensor,
-    classes: np.ndarray,
+    members: list[np.ndarray],
     targets: torch.Tensor,
     ks: list[int],
     *,
@@ -100,15 +99,14 @@ def herd_classes(
 ) -> list[np.ndarray]:
     """:func:`herding_order` for several classes at once: one pick of every class per kernel launch.
 
-    ``classes[i]`` (in ``range(len(ks))``) is row ``i``'s class, ``targets[c]`` and ``ks[c]`` class ``c``'s target
-    and number of picks, ``caps[c]`` its per-group cap (None: none). The classes' rows are laid out in a padded
+    ``members[c]`` are the rows of ``P`` of class ``c`` (disjoint), ``targets[c]`` and ``ks[c]`` its target and
+    number of picks, ``caps[c]`` its per-group cap (None: none). The classes' rows are laid out in a padded
     ``(classes, rows, features)`` block, so each pick is a handful of batched operations whatever the number
     of classes (on a GPU, per-class loops cost a launch per operation per class). Returns, per class, positions
     into ``P`` in pick order.
     """
     n_cls = len(ks)
-    classes = np.asarray(classes, dtype=np.int64)
-    members = [np.flatnonzero(classes == c) for c in range(n_cls)]
+    members = [np.asarray(m, dtype=np.int64) for m in members]
     out: list[np.ndarray] = [m if int(k) >= len(m) else np.zeros(0, np.int64) for m, k in zip(members, ks, strict=True)]
     todo = sorted((c for c in range(n_cls) if 0 < int(ks[c]) < len(members[c])), key=lambda c: len(members[c]))
     # on a GPU, batches of classes of similar sizes (padding at most doubles a class) whose padded block stays

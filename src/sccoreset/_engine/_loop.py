@@ -331,12 +331,10 @@ class StreamLoop:
             dev = lambda a: to_device(torch.from_numpy(a), self.device)  # noqa: E731
             P[dev(old)] = buffer.X[dev(idx[old])].float()
             P[dev(new)] = chunk_X[dev(idx[new] - m)].float()
-            sizes = [len(c) for c in cells]
-            owner = np.repeat(np.arange(len(cells)), sizes)
-            targets = means.means(classes)
-            picks = herd_classes(means.scaled(P), owner, targets, ks, groups=chunks[idx], caps=caps)
-            starts = np.concatenate([[0], np.cumsum(sizes)])
-            return [p - starts[r] for r, p in enumerate(picks)]
+            starts = np.concatenate([[0], np.cumsum([len(c) for c in cells])])
+            rows = [np.arange(lo, hi) for lo, hi in zip(starts[:-1], starts[1:], strict=True)]  # each class's rows of P
+            picks = herd_classes(means.scaled(P), rows, means.means(classes), ks, groups=chunks[idx], caps=caps)
+            return [p - lo for p, lo in zip(picks, starts, strict=False)]
 
         return herd
 
