@@ -62,9 +62,17 @@ def test_refit_heads_is_checked():
         scc.tl.StreamConfig(refit_heads=-1)
 
 
-def test_refit_is_refused_under_torch_distributed_before_any_training(small_stream, monkeypatch):
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"refit_heads": 1}, r"refit_heads runs in one process; under torch\.distributed"),
+     ({"rule": "herding"}, r"rule='herding' .* does not run under torch\.distributed")],
+)  # fmt: skip
+def test_one_process_options_are_refused_under_torch_distributed_before_any_work(
+    small_stream, monkeypatch, options, message
+):
     import sccoreset.tl._session as session
 
     monkeypatch.setattr(session, "rank_world", lambda: (0, 2))
-    with pytest.raises(InputError, match=r"refit_heads runs in one process; under torch\.distributed"):
-        scc.tl.stream_train(small_stream.files, "cell_type", refit_heads=1, **FAST)
+    monkeypatch.setattr(session, "fit_sources", lambda *a, **k: pytest.fail("the gene-space pass ran"))
+    with pytest.raises(InputError, match=message):
+        scc.tl.stream_train(small_stream.files, "cell_type", **{**FAST, **options})

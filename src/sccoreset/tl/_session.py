@@ -177,9 +177,13 @@ class StreamRun:
                 f"times min_per_class ({cfg.min_per_class})."
             )
         self.rank, self.world = rank_world()
-        if cfg.refit_heads and self.world > 1:  # refused before any training, not after the stream
-            raise InputError(f"refit_heads runs in one process; under torch.distributed (world size {self.world}) "
-                             "leave it at 0.")  # fmt: skip
+        if self.world > 1:  # options of one process: refused before the gene-space pass and any training
+            if cfg.refit_heads:
+                raise InputError(f"refit_heads runs in one process; under torch.distributed (world size "
+                                 f"{self.world}) leave it at 0.")  # fmt: skip
+            if cfg.rule == "herding":
+                raise InputError(f"rule='herding' compares every candidate cell's features in one process; it does "
+                                 f"not run under torch.distributed (world size {self.world}). Use another rule there.")  # fmt: skip
         self.fingerprint = files_fingerprint(self.sources)
         saved = read_checkpoint(cfg.checkpoint_dir) if cfg.resume else None
         if saved is not None:
