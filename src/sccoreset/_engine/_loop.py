@@ -298,7 +298,7 @@ class StreamLoop:
             targets=all_targets[keep],
         )
         t3 = time.perf_counter()
-        event = self._event(self.step, new, losses)
+        event = self.make_event(self.step, new, losses)
         # the next chunk's wait, fetched while the GPU trained, is counted in its own step, not in training
         event.update(n_local=len(chunk.y), wait_seconds=wait, train_seconds=t2 - t1 - self._ahead_wait,
                      select_seconds=t3 - t2,
@@ -410,7 +410,7 @@ class StreamLoop:
             parts = gather_objects((len(by), losses))
             total = sum(n for n, _ in parts)
             losses = (np.sum([np.asarray(ls) * n for n, ls in parts], axis=0) / max(total, 1)).tolist()
-        event = self._event("final", None, losses)
+        event = self.make_event("final", None, losses)
         event.update(wait_seconds=0.0, train_seconds=time.perf_counter() - t0, select_seconds=0.0, eval_seconds=0.0)
         return event
 
@@ -480,7 +480,8 @@ class StreamLoop:
             state["per_rank"] = gather_objects(mine)
         return state
 
-    def _event(self, step: int | str, chunk: ChunkData | None, losses: list[float]) -> StepEvent:
+    def make_event(self, step: int | str, chunk: ChunkData | None, losses: list[float]) -> StepEvent:
+        """The event of a step, the consolidation or a refit pass: buffer composition, losses, evaluation."""
         buffer = self.buffer
         n = self.n_classes
         event = StepEvent(

@@ -159,10 +159,10 @@ class StreamRun:
         self.tasks: list[list[str]] = []
         for key, given in zip(self.label_keys, given_classes(classes, self.label_keys), strict=True):
             info = scan_sources(self.sources, key, given, missing_labels=cfg.missing_labels)
-            self._n_obs = info.n_obs
             self.tasks.append(given if given is not None else info.labels)
             if len(self.tasks[-1]) < 2:
                 raise InputError(f"obs[{key!r}]: need at least 2 classes to train, found {self.tasks[-1]}.")
+        self.n_obs_per_file = info.n_obs  # cells of each file (the same whichever key scanned them)
         self.budget = Budget(cfg.budget_key or self.label_keys[:1], self.label_keys, self.tasks)
         self.classes = self.tasks[0]
         combos = len(self.budget.keys) > 1
@@ -225,7 +225,7 @@ class StreamRun:
 
         # order="weighted": per-cell weights balancing weight_key (default: the label key), read from obs only
         self.plan = plan_chunks(
-            info.n_obs, cfg.chunk_size, order=cfg.order, block_size=cfg.block_size, rng=rng, n_draws=cfg.n_draws,
+            self.n_obs_per_file, cfg.chunk_size, order=cfg.order, block_size=cfg.block_size, rng=rng, n_draws=cfg.n_draws,
             weights=source_weights(self.sources, cfg.weight_key or label_key, baseline=cfg.weight_baseline)[0]
             if cfg.order == "weighted" else None,
         )  # fmt: skip
@@ -318,7 +318,7 @@ class StreamRun:
         if p == 0:
             self._refit = HeadRefit(loop.model, loop.objective, lr=self.cfg.lr, batch_size=self.cfg.batch_size,
                                     generator=loop.generator)  # fmt: skip
-        plan = plan_chunks(self._n_obs, self.cfg.chunk_size, order="block_shuffle", block_size=self.cfg.block_size,
+        plan = plan_chunks(self.n_obs_per_file, self.cfg.chunk_size, order="block_shuffle", block_size=self.cfg.block_size,
                            rng=loop.rng)  # fmt: skip
         lookups = [pd.Index(t) for t in self.tasks]
         losses, sizes, wait = [], [], 0.0
@@ -336,7 +336,7 @@ class StreamRun:
         finally:  # stopped early or failed: the reading threads stop
             chunks.close()
         mean = float(np.average(losses, weights=sizes)) if sizes else float("nan")
-        event = loop._event("refit", None, [mean])
+        event = loop.make_event("refit", None, [mean])
         event.update(wait_seconds=wait, train_seconds=time.perf_counter() - t0 - wait, select_seconds=0.0,
                      eval_seconds=0.0, refit_pass=p, n_chunk=int(sum(sizes)))  # fmt: skip
         return event
