@@ -8,7 +8,13 @@ runs `tl.stream_train` with the defaults and with ``rule="herding"``, then compa
 - per-class mean log1p-normalized expression of the coreset's kept cells (weights are constant within a
   class, so the weighted class mean is the kept cells' mean) with the stream's, as relative L2 error.
 
+Beside them it prints the sampling floor (uniform random samples of the same sizes) and, with
+``--offline-bound``, what herding reaches with the whole stream in memory: the same greedy rule and exchange
+pass over every cell of each class at once, not over one chunk and the buffer at a time (holds the stream's
+features in memory: 800 MB for the accuracy stream).
+
     python benchmarks/bench_coreset_weights.py [--quick] [--rules coverage herding] [--stream accuracy]
+        [--offline-bound] [--buffer-size N]
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ def main():
         help="bench_stream.py's stream (buffer 2,000) or bench_accuracy.py's (10 x 10,000 cells, 5,000 genes, "
         "a late and a rare type, buffer 1%%)",
     )  # fmt: skip
+    p.add_argument("--offline-bound", action="store_true",
+                   help="also herd every class over all its cells in memory, at the coreset's per-class sizes")  # fmt: skip
+    p.add_argument("--buffer-size", type=int, default=None, help="the coreset's size (default: the stream's)")
     args = p.parse_args()
     buffer = {}
     if args.quick:
@@ -45,14 +54,17 @@ def main():
     else:
         stream = scc.datasets.synthetic_stream(DATA / "stream20k", n_files=10, cells_per_file=20_000, n_genes=20_000,
                                                holdout_per_type=100, random_state=3)  # fmt: skip
+    if args.buffer_size is not None:
+        buffer = {"buffer_size": args.buffer_size}
     gs = scc.pp.fit_gene_space(stream.files, n_top_genes=2000)
-    for rule in args.rules:
+    for i, rule in enumerate(args.rules):
         print(f"--- rule={rule!r}")
         compare(scc.tl.stream_train(stream.files, stream.label_key, gene_space=gs, rule=rule, progress=False,
-                                    device="cpu", **buffer), stream, gs)  # fmt: skip
+                                    device="cpu", **buffer), stream, gs,
+                offline_bound=args.offline_bound and i == len(args.rules) - 1)  # fmt: skip
 
 
-def compare(cs, stream, gs):
+def compare(cs, stream, gs, offline_bound=False):
     """Print the weighted coreset's class counts and per-class means against the stream's."""
     classes = [str(c) for c in cs.uns["sccoreset"]["classes"]]
     # the stream's per-class sums of log1p-normalized expression on the gene list, one pass; beside them the
@@ -61,6 +73,7 @@ def compare(cs, stream, gs):
     rand_sums = np.zeros((len(classes), gs.n_genes))
     counts = np.zeros(len(classes))
     lookup = {c: i for i, c in enumerate(classes)}
+    per_class: list[list[np.ndarray]] = [[] for _ in classes]  # with offline_bound: every cell, by class
     kept = cs.obs[stream.label_key].astype(str).map(lookup).value_counts().reindex(range(len(classes)), fill_value=0)
     from sccoreset._io._sources import open_sources
 
@@ -89,6 +102,9 @@ def compare(cs, stream, gs):
                 pick = in_sample[offset + lo : offset + lo + b.n_rows]
                 np.add.at(rand_sums, y[lo : lo + b.n_rows][pick], x[pick])
                 counts += np.bincount(y[lo : lo + b.n_rows], minlength=len(classes))
+                if offline_bound:
+                    for c in np.unique(y[lo : lo + b.n_rows]):
+                        per_class[c].append(x[y[lo : lo + b.n_rows] == c].astype(np.float32))
             offset += src.n_obs
     stream_means = sums / counts[:, None]
     w = cs.obs["sccoreset_weight"].to_numpy()
@@ -113,6 +129,26 @@ def compare(cs, stream, gs):
     print(f"max relative L2 error of per-class means: {max(errors):.4f} (bar <= 0.05); median {np.median(errors):.4f}")
     print(f"uniform random samples of the same sizes (the sampling floor): max {max(floor):.4f}, "
           f"median {np.median(floor):.4f}")  # fmt: skip
+    if offline_bound:
+        print_offline_bound(per_class, stream_means, kept.to_numpy())
+
+
+def print_offline_bound(per_class, stream_means, kept):
+    """Herding with the whole stream in memory: each class herded over all its cells, at the coreset's size."""
+    import torch
+
+    from sccoreset._engine._herding import herding_order
+
+    errors = []
+    for c, parts in enumerate(per_class):
+        if not parts or kept[c] == 0:
+            continue
+        X = torch.from_numpy(np.concatenate(parts))
+        pick = herding_order(X, torch.from_numpy(stream_means[c].astype(np.float32)), int(kept[c]))
+        m = X[torch.from_numpy(pick)].double().mean(0).numpy()
+        errors.append(np.linalg.norm(m - stream_means[c]) / np.linalg.norm(stream_means[c]))
+    print(f"offline herding (every cell of each class in memory, same sizes): max {max(errors):.4f}, "
+          f"median {np.median(errors):.4f}, smallest {min(errors):.4f}")  # fmt: skip
 
 
 def log_norm_with_lib(m, lib, target_sum):
