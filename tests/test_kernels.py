@@ -17,13 +17,18 @@ values = st.one_of(
     st.sampled_from([-1.0, float("nan"), float("inf")]),  # a flagged row
 )
 rows = st.lists(st.lists(st.tuples(st.integers(-1, N_COLS), values), max_size=N_COLS + 3), min_size=1, max_size=12)
+# column indices as stored: int32, or int64 with some beyond 2**32 (in range once truncated to 32 bits, so a
+# kernel that compared only the low half would take them for valid columns)
+index_dtypes = st.sampled_from(["int32", "int64", "int64-huge"])
 
 
-def _csr(row_list):
+def _csr(row_list, index_dtype="int32"):
     # stored rows: the column indices unique within a row, as CSR requires
     row_list = [list({i: (i, x) for i, x in row}.values()) for row in row_list]
+    if index_dtype == "int64-huge":  # index N_COLS (out of range) stored as 2**32 + 1: column 1 in 32 bits
+        row_list = [[(2**32 + 1 if i == N_COLS else i, x) for i, x in row] for row in row_list]
     data = np.array([x for row in row_list for _, x in row], dtype=np.float32)
-    indices = np.array([i for row in row_list for i, _ in row], dtype=np.int32)
+    indices = np.array([i for row in row_list for i, _ in row], dtype=np.int32 if index_dtype == "int32" else np.int64)
     indptr = np.concatenate([[0], np.cumsum([len(r) for r in row_list])]).astype(np.int64)
     return row_list, data, indices, indptr
 
@@ -51,10 +56,10 @@ def _reference(row_list, col_map, target_sum):
 
 
 @settings(max_examples=200, deadline=None)
-@given(row_list=rows, dropped=st.sets(st.integers(0, N_COLS - 1), max_size=4))
-def test_accumulate_matches_reference(row_list, dropped):
+@given(row_list=rows, dropped=st.sets(st.integers(0, N_COLS - 1), max_size=4), index_dtype=index_dtypes)
+def test_accumulate_matches_reference(row_list, dropped, index_dtype):
     col_map = np.array([-1 if c in dropped else c for c in range(N_COLS)], dtype=np.int32)
-    row_list, data, indices, indptr = _csr(row_list)
+    row_list, data, indices, indptr = _csr(row_list, index_dtype)
     acc = np.zeros((N_COLS, 4))
     bad = np.full(len(row_list), 99, dtype=np.uint8)  # stale flags are overwritten
     n_bad = csr_accumulate(data, indices, indptr, col_map, 1e4, acc, bad)
@@ -88,8 +93,13 @@ def _transform_reference(row_list, col_map, mean, inv_std, fill, target_sum, max
 
 
 @settings(max_examples=200, deadline=None)
-@given(row_list=rows, dropped=st.sets(st.integers(0, N_COLS - 1), max_size=6), serial=st.booleans())
-def test_transform_matches_reference(row_list, dropped, serial):
+@given(
+    row_list=rows,
+    dropped=st.sets(st.integers(0, N_COLS - 1), max_size=6),
+    serial=st.booleans(),
+    index_dtype=index_dtypes,
+)
+def test_transform_matches_reference(row_list, dropped, serial, index_dtype):
     kept = [c for c in range(N_COLS) if c not in dropped]
     col_map = np.full(N_COLS, -1, dtype=np.int32)
     col_map[kept] = np.arange(len(kept), dtype=np.int32)[::-1]  # the gene list in another order
@@ -97,7 +107,7 @@ def test_transform_matches_reference(row_list, dropped, serial):
     mean = rng.uniform(0, 2, len(kept)).astype(np.float32)
     inv_std = rng.uniform(0.5, 3, len(kept)).astype(np.float32)
     fill = np.clip(-mean * inv_std, -10, 10).astype(np.float32)
-    row_list, data, indices, indptr = _csr(row_list)
+    row_list, data, indices, indptr = _csr(row_list, index_dtype)
     out = np.full((len(row_list), len(kept)), np.nan, dtype=np.float32)
     bad = np.full(len(row_list), 99, dtype=np.uint8)
     kernel = csr_transform_serial if serial else csr_transform

@@ -56,7 +56,7 @@ def _row_sum(data, lo, hi):
 def _transform_rows(r0, r1, data, indices, indptr, col_map, mean, inv_std, fill, target_sum, max_value, out, bad):
     """Rows ``[r0, r1)`` of :func:`csr_transform` (one block of rows, one scratch allocation)."""
     n_cols = col_map.size
-    last_col = n_cols - 1
+    u_last = np.uint64(max(n_cols - 1, 0))
     nnz = min(data.size, indices.size)
     width = 0
     for i in range(r0, r1):  # rows within the stored data only: a corrupt indptr asks for no huge scratch
@@ -76,17 +76,18 @@ def _transform_rows(r0, r1, data, indices, indptr, col_map, mean, inv_std, fill,
             out[i, :] = fill
             continue
         s = np.float32(0.0)
-        flag = 0
+        ok = True
         in_range = True
         k = 0
-        for j in range(lo, hi):
-            v = data[j]
-            if not (v >= 0.0) or v == np.inf:
-                flag = 1
+        row_data = data[lo:hi]  # views from 0: no negative-index handling in the loop
+        row_indices = indices[lo:hi]
+        for j in range(hi - lo):  # no branch: a data-dependent one here mispredicts and halves the speed
+            v = row_data[j]
+            ok &= (v >= 0.0) & (v != np.inf)  # False for negative, NaN and inf
             s += v
-            ix = indices[j]
-            in_range &= (ix >= 0) & (ix <= last_col)
-            c = col_map[min(max(ix, 0), last_col)]  # clamped: a bad index never reads out of bounds
+            u = np.uint64(row_indices[j])  # a negative index wraps to a huge one: one compare checks both ends
+            in_range &= u <= u_last
+            c = col_map[min(u, u_last)]  # clamped: a bad index never reads out of bounds
             cols[k] = c
             vals[k] = v
             k += c >= 0
@@ -94,7 +95,7 @@ def _transform_rows(r0, r1, data, indices, indptr, col_map, mean, inv_std, fill,
             bad[i] = 2  # BAD_INDEX
             out[i, :] = fill
             continue
-        bad[i] = flag
+        bad[i] = 0 if ok else 1
         scale = np.float32(target_sum / s) if s > 0 else np.float32(0.0)
         out[i, :] = fill
         n_table = min(LOG_TABLE, k)  # log1p of the small whole counts, once per row
