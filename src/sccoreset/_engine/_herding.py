@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .._errors import InputError
+
 BLOCK_BYTES = 256 << 20  # the padded (classes, rows, features) block of one batch of classes
 
 
@@ -38,10 +40,12 @@ class ClassMeans:
         if self.scale is not None and self.scale.shape != (n_features,):
             raise ValueError(f"herding scale has shape {tuple(self.scale.shape)}, expected ({n_features},).")
 
-    def scaled(self, X: torch.Tensor) -> torch.Tensor:
-        """``X`` in the space the means live in (float32)."""
+    def scaled(self, X: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+        """``X`` in the space the means live in (float32); ``inplace``: scale a float32 ``X`` the caller owns."""
         X = X.float()
-        return X if self.scale is None else X * self.scale
+        if self.scale is None:
+            return X
+        return X.mul_(self.scale) if inplace else X * self.scale
 
     def add(self, X: torch.Tensor, y: np.ndarray) -> None:
         """Count the cells ``X`` of classes ``y``."""
@@ -62,6 +66,15 @@ class ClassMeans:
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         self.sums.copy_(torch.from_numpy(np.asarray(state["sums"])))
         self.counts = np.asarray(state["counts"], dtype=np.int64).copy()
+
+
+def refuse_distributed(world: int) -> None:
+    """Herding compares every candidate's features in one process: an error under torch.distributed."""
+    if world > 1:
+        raise InputError(
+            "rule='herding' compares every candidate cell's features in one process; it does not run under "
+            f"torch.distributed (world size {world}). Use another rule there."
+        )
 
 
 def herding_order(

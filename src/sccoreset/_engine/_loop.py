@@ -24,7 +24,7 @@ from ._distributed import broadcast_parameters, concat_by_rank, gather_objects, 
 from ._dynamics import score_of
 from ._events import StepEvent
 from ._graphs import GraphedTrainer
-from ._herding import ClassMeans, herd_classes
+from ._herding import ClassMeans, herd_classes, refuse_distributed
 from ._metrics import classification_metrics
 from ._objective import Objective, as_targets
 from ._precision import training_precision
@@ -138,11 +138,8 @@ class StreamLoop:
         self.class_means: ClassMeans | None = None  # rule="herding": every class's running mean, built at chunk 1
         self._feature_scale = feature_scale
         self._resumed_means = None
-        if cfg.rule == "herding" and self.world > 1:
-            raise InputError(
-                "rule='herding' compares every candidate cell's features in one process; it does not run under "
-                f"torch.distributed (world size {self.world}). Use another rule there."
-            )
+        if cfg.rule == "herding":
+            refuse_distributed(self.world)
         if resume is None:
             # every rank draws the same seeds from rng (selection stays identical) and offsets them by its rank
             torch.manual_seed(int(rng.integers(2**62)) + self.rank)
@@ -333,7 +330,9 @@ class StreamLoop:
             P[dev(new)] = chunk_X[dev(idx[new] - m)].float()
             starts = np.concatenate([[0], np.cumsum([len(c) for c in cells])])
             rows = [np.arange(lo, hi) for lo, hi in zip(starts[:-1], starts[1:], strict=True)]  # each class's rows of P
-            picks = herd_classes(means.scaled(P), rows, means.means(classes), ks, groups=chunks[idx], caps=caps)
+            picks = herd_classes(
+                means.scaled(P, inplace=True), rows, means.means(classes), ks, groups=chunks[idx], caps=caps
+            )
             return [p - lo for p, lo in zip(picks, starts, strict=False)]
 
         return herd

@@ -19,6 +19,7 @@ from anndata import AnnData
 from .._config import StreamConfig
 from .._engine._distributed import barrier, broadcast_object, rank_world, shard_plan
 from .._engine._events import History, StepEvent
+from .._engine._herding import refuse_distributed
 from .._engine._loop import ChunkData, StreamLoop
 from .._engine._model import build_model, mlp_spec
 from .._engine._refit import HeadRefit
@@ -182,8 +183,7 @@ class StreamRun:
                 raise InputError(f"refit_heads runs in one process; under torch.distributed (world size "
                                  f"{self.world}) leave it at 0.")  # fmt: skip
             if cfg.rule == "herding":
-                raise InputError(f"rule='herding' compares every candidate cell's features in one process; it does "
-                                 f"not run under torch.distributed (world size {self.world}). Use another rule there.")  # fmt: skip
+                refuse_distributed(self.world)
         self.fingerprint = files_fingerprint(self.sources)
         saved = read_checkpoint(cfg.checkpoint_dir) if cfg.resume else None
         if saved is not None:
